@@ -1,0 +1,298 @@
+//! Block backends: an image format maps guest byte ranges to host extents and plans the host
+//! operations for flush, discard and write-zeroes. Backends do no data I/O themselves: the queue
+//! worker submits it from guest buffers. This layer knows nothing about virtio.
+
+pub mod file;
+pub mod probe;
+pub mod raw;
+
+use std::fmt;
+use std::os::unix::io::RawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use log::{info, warn};
+
+/// Image formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// The file's bytes are the disk.
+    Raw,
+    /// QEMU's copy-on-write format.
+    Qcow2,
+}
+
+impl fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ImageFormat::Raw => "raw",
+            ImageFormat::Qcow2 => "qcow2",
+        })
+    }
+}
+
+/// Host caching of image data (`--cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheMode {
+    /// O_DIRECT: bypass the host page cache.
+    None,
+    /// Use the host page cache; guest flushes become `fdatasync`.
+    Writeback,
+}
+
+/// How to open an image.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    /// Image path.
+    pub path: PathBuf,
+    /// Format, or `None` to probe (QEMU's rule, see [`probe`]).
+    pub format: Option<ImageFormat>,
+    /// Open read-only.
+    pub read_only: bool,
+    /// Host cache mode.
+    pub cache: CacheMode,
+}
+
+/// What a backend tells the device about the disk.
+#[derive(Debug, Clone)]
+pub struct BackendInfo {
+    /// Virtual disk size in bytes.
+    pub size: u64,
+    /// Writes are refused.
+    pub read_only: bool,
+    /// The image format.
+    pub format: ImageFormat,
+    /// The format was probed as raw: a guest must not write a recognizable image header into
+    /// the first sector (it would change how the image is probed next time).
+    pub probed_raw: bool,
+    /// Required alignment of buffer addresses and lengths for data I/O (1 when buffered).
+    pub mem_align: usize,
+    /// Required alignment of data I/O offsets and lengths (1 when buffered).
+    pub offset_align: u64,
+    /// Preferred I/O granularity in bytes (0: none).
+    pub opt_io_size: u32,
+}
+
+/// Where a piece of a guest range lives on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Data at `offset` in the file `fd`.
+    Data {
+        /// File descriptor (valid while the backend lives).
+        fd: RawFd,
+        /// Byte offset in that file.
+        offset: u64,
+    },
+    /// Reads as zeroes; nothing to read from the host.
+    Zero,
+}
+
+/// A contiguous piece of a guest range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Length in bytes.
+    pub len: u64,
+    /// Where it lives.
+    pub target: Target,
+}
+
+/// A host operation a backend asks for besides data transfers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostOp {
+    /// Make everything written to `fd` durable.
+    Sync {
+        /// File descriptor.
+        fd: RawFd,
+    },
+    /// Deallocate a range if the file system can; advisory (reads become unspecified-but-stable
+    /// to the guest, zeroes in practice).
+    Discard {
+        /// File descriptor.
+        fd: RawFd,
+        /// Byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// Make a range read as zeroes, deallocating it if `unmap` is set and the file system can.
+    Zero {
+        /// File descriptor.
+        fd: RawFd,
+        /// Byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Deallocation is allowed.
+        unmap: bool,
+    },
+}
+
+/// Errors of the block layer, for one request.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The range does not fit in the disk.
+    #[error("range {offset}+{len} is beyond the disk size {size}")]
+    OutOfRange {
+        /// Offset of the request.
+        offset: u64,
+        /// Length of the request.
+        len: u64,
+        /// Disk size.
+        size: u64,
+    },
+    /// Write to a read-only image.
+    #[error("the image is read-only")]
+    ReadOnly,
+    /// The image's metadata is inconsistent in the requested area.
+    #[error("image corrupt: {0}")]
+    Corrupt(&'static str),
+    /// A host I/O error.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A disk image format. Implementations are shared by all queue threads.
+pub trait BlockBackend: Send + Sync {
+    /// Size, alignment and capabilities.
+    fn info(&self) -> &BackendInfo;
+
+    /// Appends the extents that make up `offset..offset+len` for reading.
+    fn map_read(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), BlockError>;
+
+    /// Appends the extents where the data for `offset..offset+len` must be written.
+    fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), BlockError>;
+
+    /// Does any metadata work a flush needs, then appends the syncs that make all completed
+    /// writes durable.
+    fn flush(&self, out: &mut Vec<HostOp>) -> Result<(), BlockError>;
+
+    /// Appends the operations that discard `offset..offset+len`.
+    fn discard(&self, offset: u64, len: u64, out: &mut Vec<HostOp>) -> Result<(), BlockError>;
+
+    /// Appends the operations that make `offset..offset+len` read as zeroes.
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        out: &mut Vec<HostOp>,
+    ) -> Result<(), BlockError>;
+
+    /// Writes back everything and makes it durable, blocking (used at shutdown).
+    fn sync(&self) -> Result<(), BlockError>;
+}
+
+/// Errors opening an image: each names the problem and how to fix it where we can tell.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The file cannot be opened.
+    #[error("cannot open {path}: {source}")]
+    Open {
+        /// Image path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file system refuses O_DIRECT.
+    #[error("cannot open {path} with O_DIRECT (--cache none): {source}; use --cache writeback")]
+    DirectUnsupported {
+        /// Image path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Reading the image failed.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// Image path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The path is neither a regular file nor a block device.
+    #[error("{0} is not a regular file or block device")]
+    NotAFile(PathBuf),
+    /// The format is not served (yet).
+    #[error("{path}: {format} images are not supported yet (the qcow2 engine is not available in this version); convert with `qemu-img convert -O raw`")]
+    UnsupportedFormat {
+        /// Image path.
+        path: PathBuf,
+        /// The format.
+        format: ImageFormat,
+    },
+    /// Probing found a format we do not serve.
+    #[error("{path} looks like a {found} image, which is not supported; pass --format raw to serve its bytes as a raw disk")]
+    ForeignFormat {
+        /// Image path.
+        path: PathBuf,
+        /// What the probe found.
+        found: &'static str,
+    },
+    /// O_DIRECT needs a coarser alignment than the device's logical block size.
+    #[error("{path} needs {align}-byte aligned I/O with --cache none, larger than the logical block size {lbs}; use --logical-block-size {align} or --cache writeback")]
+    Alignment {
+        /// Image path.
+        path: PathBuf,
+        /// Required offset alignment.
+        align: u64,
+        /// Configured logical block size.
+        lbs: u32,
+    },
+}
+
+/// Opens an image with the format given or probed.
+pub fn open(opts: &OpenOptions) -> Result<Arc<dyn BlockBackend>, OpenError> {
+    let file = file::ImageFile::open(&opts.path, opts.read_only, opts.cache)?;
+    let (format, probed_raw) = match opts.format {
+        Some(f) => (f, false),
+        None => {
+            let found = probe::probe(&file.read_head().map_err(|source| OpenError::Read {
+                path: opts.path.clone(),
+                source,
+            })?);
+            match found {
+                probe::Probed::Raw => {
+                    warn!(
+                        "{}: no --format given, probed as raw; guest writes of an image header to sector 0 will be refused (pass --format raw to allow them)",
+                        opts.path.display()
+                    );
+                    (ImageFormat::Raw, true)
+                }
+                probe::Probed::Qcow2 => (ImageFormat::Qcow2, false),
+                probe::Probed::Other(name) => {
+                    return Err(OpenError::ForeignFormat {
+                        path: opts.path.clone(),
+                        found: name,
+                    })
+                }
+            }
+        }
+    };
+    info!(
+        "{}: {} image, {} bytes{}{}",
+        opts.path.display(),
+        format,
+        file.size,
+        if opts.read_only { ", read-only" } else { "" },
+        if opts.cache == CacheMode::None {
+            ", O_DIRECT"
+        } else {
+            ""
+        }
+    );
+    match format {
+        ImageFormat::Raw => Ok(Arc::new(raw::RawBackend::new(file, opts.read_only, probed_raw))),
+        ImageFormat::Qcow2 => Err(OpenError::UnsupportedFormat {
+            path: opts.path.clone(),
+            format,
+        }),
+    }
+}
+
+/// Checks a range against a disk size without overflowing.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), BlockError> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(BlockError::OutOfRange { offset, len, size }),
+    }
+}

@@ -1,0 +1,110 @@
+//! Command-line arguments (clap). Validation into a [`crate::Config`] lives in `config.rs`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// Serve a disk image to virtual machines over vhost-user-blk.
+///
+/// A VMM (QEMU `-device vhost-user-blk-pci`, cloud-hypervisor `--disk vhost_user=true`) connects
+/// to the socket and the daemon serves the guest's virtqueues itself. After a front-end
+/// disconnects the daemon waits for the next one; SIGTERM or SIGINT stop it cleanly.
+#[derive(Debug, Parser)]
+#[command(name = "vhost-device-blk", version, about, long_about)]
+pub struct Args {
+    /// Listen on a new Unix socket at PATH (a stale socket there is replaced).
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+    pub socket_path: Option<PathBuf>,
+
+    /// Use the inherited listening Unix socket FD (systemd socket activation, libvirt).
+    #[arg(long, value_name = "FD")]
+    pub fd: Option<i32>,
+
+    /// The disk image (regular file or block device).
+    #[arg(long, value_name = "IMAGE")]
+    pub blk_file: Option<PathBuf>,
+
+    /// Image format. Without it the format is probed as QEMU does, and a probed raw image
+    /// refuses guest writes that would put an image header into its first sector.
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+
+    /// Serve the image read-only (VIRTIO_BLK_F_RO; every write is refused).
+    #[arg(long)]
+    pub read_only: bool,
+
+    /// Number of request queues, each served by its own thread (1-64).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub num_queues: u16,
+
+    /// Largest virtqueue size the front-end may configure (power of two, 4-1024).
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub queue_size: u16,
+
+    /// Host cache mode: `none` opens the image with O_DIRECT, `writeback` uses the page cache.
+    /// Guest flushes are honoured (fdatasync) in both.
+    #[arg(long, value_enum, default_value_t = CacheArg::Writeback)]
+    pub cache: CacheArg,
+
+    /// I/O engine: io_uring per queue, a thread pool, or io_uring where available.
+    #[arg(long, value_enum, default_value_t = AioArg::Auto)]
+    pub aio: AioArg,
+
+    /// Serial number returned to the guest (GET_ID, /dev/disk/by-id/virtio-ID), up to 20
+    /// printable ASCII characters. Default: derived from the image path.
+    #[arg(long, value_name = "ID")]
+    pub serial: Option<String>,
+
+    /// Logical block size reported to the guest.
+    #[arg(long, value_name = "BYTES", default_value_t = 512)]
+    pub logical_block_size: u32,
+
+    /// Guest discards: `unmap` punches holes in the image, `ignore` completes them doing nothing.
+    #[arg(long, value_enum, default_value_t = DiscardArg::Unmap)]
+    pub discard: DiscardArg,
+
+    /// Print the vhost-user back-end capabilities as JSON and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+}
+
+/// `--format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// Raw image.
+    Raw,
+    /// qcow2 image.
+    Qcow2,
+}
+
+/// `--cache`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CacheArg {
+    /// O_DIRECT.
+    None,
+    /// Host page cache.
+    Writeback,
+}
+
+/// `--aio`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AioArg {
+    /// io_uring if the kernel allows it, threads otherwise.
+    Auto,
+    /// io_uring only.
+    IoUring,
+    /// Thread pool.
+    Threads,
+}
+
+/// `--discard`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DiscardArg {
+    /// Pass discards to the image.
+    Unmap,
+    /// Ignore discards.
+    Ignore,
+}
+
+/// What `--print-capabilities` prints (QEMU's vhost-user.json `VHostUserBackendCapabilities`).
+pub const CAPABILITIES: &str = r#"{"type":"block","features":["read-only","blk-file"]}"#;

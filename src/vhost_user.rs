@@ -1,0 +1,174 @@
+//! The only module that knows vhost-user: `VhostUserBlk` implements `VhostUserBackend` directly
+//! (interior mutability, one lock per queue), so every queue thread runs in parallel.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use log::{debug, warn};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::VhostUserBackend;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use crate::block::BlockBackend;
+use crate::io::{AioMode, Engine, EngineError};
+use crate::virtio::config::VirtioBlkConfig;
+use crate::virtio::worker::{GuestMemAtomic, QueueWorker, Vring};
+use crate::virtio::DeviceSettings;
+
+/// The epoll token of a queue's I/O completion eventfd (above the range vhost-user-backend
+/// reserves for kicks and its own exit/enable events).
+pub fn io_event_token(num_queues: u16) -> u16 {
+    num_queues + 1
+}
+
+/// One vhost-user-blk device for the lifetime of one front-end connection.
+pub struct VhostUserBlk {
+    settings: Arc<DeviceSettings>,
+    config: VirtioBlkConfig,
+    workers: Vec<Mutex<QueueWorker>>,
+    event_idx: AtomicBool,
+}
+
+impl VhostUserBlk {
+    /// Creates the device and one worker (with its own I/O engine) per queue.
+    pub fn new(
+        settings: Arc<DeviceSettings>,
+        backend: Arc<dyn BlockBackend>,
+        mem: GuestMemAtomic,
+        aio: AioMode,
+    ) -> Result<Self, EngineError> {
+        let info = backend.info();
+        let config = VirtioBlkConfig::new(&settings, info.size, info.opt_io_size);
+        let depth = u32::from(settings.queue_size) * 2;
+        let workers = (0..settings.num_queues)
+            .map(|i| {
+                let engine = Engine::new(aio, depth)?;
+                Ok(Mutex::new(QueueWorker::new(
+                    i,
+                    settings.clone(),
+                    backend.clone(),
+                    mem.clone(),
+                    engine,
+                )))
+            })
+            .collect::<Result<_, EngineError>>()?;
+        Ok(VhostUserBlk {
+            settings,
+            config,
+            workers,
+            event_idx: AtomicBool::new(false),
+        })
+    }
+
+    fn worker(&self, queue: usize) -> Option<MutexGuard<'_, QueueWorker>> {
+        self.workers
+            .get(queue)
+            .map(|w| w.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The completion eventfd of queue `queue`'s engine.
+    pub fn io_event_fd(&self, queue: usize) -> Option<std::os::unix::io::RawFd> {
+        self.worker(queue).map(|w| w.notify_fd())
+    }
+
+    /// Completes every in-flight request on every queue (front-end gone or shutting down).
+    pub fn drain_all(&self) {
+        for q in 0..self.workers.len() {
+            if let Some(mut w) = self.worker(q) {
+                w.drain();
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for VhostUserBlk {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.settings.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.settings.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.settings.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn acked_features(&self, features: u64) {
+        debug!("front-end acked features {features:#x}");
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.config.read(offset, size).unwrap_or_else(|| {
+            warn!("GET_CONFIG for {size} bytes at {offset} is outside the config space");
+            Vec::new()
+        })
+    }
+
+    fn set_config(&self, offset: u32, _buf: &[u8]) -> io::Result<()> {
+        // No field is writable without CONFIG_WCE, which we do not offer.
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("config space offset {offset} is read-only"),
+        ))
+    }
+
+    fn update_memory(&self, _mem: GuestMemAtomic) -> io::Result<()> {
+        // The workers hold a clone of the same GuestMemoryAtomic, which vhost-user-backend updates
+        // in place; in-flight requests keep the old map alive through their own guard.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.settings.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the back-end must finish everything it accepted before it answers.
+        if let Some(mut w) = self.worker(queue_index as usize) {
+            w.drain();
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let (Some(vring), Some(mut worker)) = (vrings.first(), self.worker(thread_id)) else {
+            return Ok(());
+        };
+        if device_event == io_event_token(self.settings.num_queues) {
+            worker.process_completions(vring);
+        } else if device_event == 0 {
+            let event_idx = self.event_idx.load(Ordering::Acquire);
+            worker.process_queue(vring, event_idx);
+        }
+        // Errors are per request and already reported to the guest: returning one here would
+        // stop the queue thread.
+        Ok(())
+    }
+}

@@ -1,0 +1,638 @@
+//! The per-queue worker: pop → parse → map → submit → complete → notify.
+//!
+//! One worker per virtqueue, driven by its own thread: kicks call [`QueueWorker::process_queue`],
+//! the I/O engine's eventfd calls [`QueueWorker::process_completions`]. Requests stay in flight
+//! (holding the guest memory they point into) until every host operation they need has
+//! completed; then the status byte is written and the chain returned to the used ring.
+
+use std::io;
+use std::sync::Arc;
+
+use log::{debug, info};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::guest::{self, IovCursor};
+use super::request::{self, ParseError, Request, RequestType};
+use super::status::{RequestError, STATUS_OK};
+use super::{DeviceSettings, DiscardMode, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
+use crate::block::{self, probe, BlockBackend, BlockError, Extent, HostOp, Target};
+use crate::guest_warn;
+use crate::io::{sys, Completion, Engine, IoOp, OpKind, Transfer, MAX_IOVECS};
+use crate::util::aligned::{zero_block, AlignedBuf, ZERO_BLOCK_LEN};
+
+/// Guest memory as vhost-user-backend maps it.
+pub type GuestMem = GuestMemoryMmap<()>;
+/// The swappable guest memory map shared with vhost-user-backend.
+pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
+/// A virtqueue as vhost-user-backend hands it to us.
+pub type Vring = VringRwLock<GuestMemAtomic>;
+
+/// Size of the O_DIRECT bounce buffer used for misaligned guest buffers.
+const BOUNCE_LEN: usize = 1 << 20;
+
+/// `fallocate` modes, remembered in the op tag so a failure knows what was tried.
+const ATTEMPT_PUNCH: u64 = 1;
+const ATTEMPT_ZERO_RANGE: u64 = 2;
+
+fn tag(slot: usize, host_op: usize, attempt: u64) -> u64 {
+    slot as u64 | (host_op as u64) << 32 | attempt << 56
+}
+
+fn untag(tag: u64) -> (usize, usize, u64) {
+    (
+        (tag & 0xffff_ffff) as usize,
+        ((tag >> 32) & 0xff_ffff) as usize,
+        tag >> 56,
+    )
+}
+
+/// A request waiting for host operations.
+struct InFlight {
+    head: u16,
+    status: GuestAddress,
+    /// Used length reported on success.
+    used_len: u32,
+    /// Host operations not yet completed.
+    pending: usize,
+    error: Option<RequestError>,
+    /// The backend's non-data operations, indexed by `tag`'s host-op field minus one.
+    host_ops: Vec<HostOp>,
+    /// Keeps the guest memory the operations point into mapped.
+    mem: Arc<GuestMem>,
+}
+
+/// What executing a request produced before any host I/O.
+struct Plan {
+    ops: Vec<IoOp>,
+    host_ops: Vec<HostOp>,
+    used_len: u32,
+}
+
+/// The state of one virtqueue.
+pub struct QueueWorker {
+    index: u16,
+    settings: Arc<DeviceSettings>,
+    backend: Arc<dyn BlockBackend>,
+    mem: GuestMemAtomic,
+    engine: Engine,
+    /// The vring, remembered at its first event so that a drain can complete requests.
+    vring: Option<Vring>,
+    slots: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    /// Completed chains not yet published: (head, used length).
+    used: Vec<(u16, u32)>,
+    completions: Vec<Completion>,
+    extents: Vec<Extent>,
+    iov: Vec<libc::iovec>,
+    no_punch_hole: bool,
+    no_zero_range: bool,
+    bounce: Option<AlignedBuf>,
+}
+
+impl QueueWorker {
+    /// A worker for queue `index`.
+    pub fn new(
+        index: u16,
+        settings: Arc<DeviceSettings>,
+        backend: Arc<dyn BlockBackend>,
+        mem: GuestMemAtomic,
+        engine: Engine,
+    ) -> Self {
+        QueueWorker {
+            index,
+            settings,
+            backend,
+            mem,
+            engine,
+            vring: None,
+            slots: Vec::new(),
+            free: Vec::new(),
+            used: Vec::new(),
+            completions: Vec::new(),
+            extents: Vec::new(),
+            iov: Vec::new(),
+            no_punch_hole: false,
+            no_zero_range: false,
+            bounce: None,
+        }
+    }
+
+    /// The engine's completion eventfd, to register in the queue thread's epoll.
+    pub fn notify_fd(&self) -> std::os::unix::io::RawFd {
+        self.engine.notify_fd()
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    /// Handles a kick: takes every available chain, submits their I/O, publishes what finished.
+    pub fn process_queue(&mut self, vring: &Vring, event_idx: bool) {
+        if self.vring.is_none() {
+            self.vring = Some(vring.clone());
+        }
+        let mem = self.mem.memory().into_inner();
+        loop {
+            if event_idx {
+                let _ = vring.disable_notification();
+            }
+            loop {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else { break };
+                self.start(chain, &mem);
+            }
+            if !event_idx || !matches!(vring.enable_notification(), Ok(true)) {
+                break;
+            }
+        }
+        self.engine.submit();
+        self.publish(vring);
+    }
+
+    /// Handles the engine's eventfd: completes requests whose operations are all done.
+    pub fn process_completions(&mut self, vring: &Vring) {
+        self.engine.reap(&mut self.completions);
+        self.handle_completions();
+        self.engine.submit();
+        self.publish(vring);
+    }
+
+    /// Waits for every in-flight request and completes it (GET_VRING_BASE, disconnect, exit).
+    pub fn drain(&mut self) {
+        while self.engine.in_flight() > 0 {
+            self.engine.wait(&mut self.completions);
+            self.handle_completions();
+            self.engine.submit();
+        }
+        if let Some(vring) = self.vring.clone() {
+            self.publish(&vring);
+        }
+    }
+
+    fn start(&mut self, chain: DescriptorChain<Arc<GuestMem>>, mem: &Arc<GuestMem>) {
+        let head = chain.head_index();
+        let req = match request::parse(chain, &**mem, self.settings.max_descriptors()) {
+            Ok(r) => r,
+            Err(ParseError::NoStatus) => {
+                guest_warn!("queue {}: chain {head} has no status byte; dropped", self.index);
+                self.used.push((head, 0));
+                return;
+            }
+            Err(ParseError::Malformed { status, reason }) => {
+                self.finish(mem, head, status, Err(RequestError::Malformed(reason)));
+                return;
+            }
+        };
+        let status = req.status;
+        match self.plan(&req, mem) {
+            Ok(plan) if plan.ops.is_empty() && plan.host_ops.is_empty() => {
+                self.finish(mem, head, status, Ok(plan.used_len));
+            }
+            Ok(plan) => self.submit(head, status, plan, mem.clone()),
+            Err(e) => self.finish(mem, head, status, Err(e)),
+        }
+    }
+
+    fn submit(&mut self, head: u16, status: GuestAddress, plan: Plan, mem: Arc<GuestMem>) {
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        let mut req = InFlight {
+            head,
+            status,
+            used_len: plan.used_len,
+            pending: 0,
+            error: None,
+            host_ops: plan.host_ops,
+            mem,
+        };
+        for mut op in plan.ops {
+            op.tag = tag(slot, 0, 0);
+            req.pending += 1;
+            self.engine.push(op);
+        }
+        for i in 0..req.host_ops.len() {
+            req.pending += self.push_host_op(slot, i, req.host_ops[i]);
+        }
+        let done = req.pending == 0;
+        self.slots[slot] = Some(req);
+        if done {
+            self.retire(slot);
+        }
+    }
+
+    /// Turns a backend operation into engine operations, honouring what this file system has
+    /// been seen not to support. Returns how many were pushed.
+    fn push_host_op(&mut self, slot: usize, index: usize, op: HostOp) -> usize {
+        let fallocate = |fd, offset, len, mode, attempt| IoOp {
+            fd,
+            offset,
+            kind: OpKind::Fallocate { mode, len },
+            iov: Vec::new(),
+            tag: tag(slot, index + 1, attempt),
+        };
+        let keep = libc::FALLOC_FL_KEEP_SIZE;
+        let op = match op {
+            HostOp::Sync { fd } => IoOp {
+                fd,
+                offset: 0,
+                kind: OpKind::Fdatasync,
+                iov: Vec::new(),
+                tag: tag(slot, index + 1, 0),
+            },
+            HostOp::Discard { .. } if self.no_punch_hole => return 0,
+            HostOp::Discard { fd, offset, len } => fallocate(
+                fd,
+                offset,
+                len,
+                libc::FALLOC_FL_PUNCH_HOLE | keep,
+                ATTEMPT_PUNCH,
+            ),
+            HostOp::Zero {
+                fd,
+                offset,
+                len,
+                unmap,
+            } => {
+                if unmap && !self.no_punch_hole {
+                    fallocate(fd, offset, len, libc::FALLOC_FL_PUNCH_HOLE | keep, ATTEMPT_PUNCH)
+                } else if !self.no_zero_range {
+                    fallocate(
+                        fd,
+                        offset,
+                        len,
+                        libc::FALLOC_FL_ZERO_RANGE | keep,
+                        ATTEMPT_ZERO_RANGE,
+                    )
+                } else {
+                    return self.push_zero_writes(slot, index, fd, offset, len);
+                }
+            }
+        };
+        self.engine.push(op);
+        1
+    }
+
+    /// Writes zeroes from the shared zero block (file systems without ZERO_RANGE).
+    fn push_zero_writes(&mut self, slot: usize, index: usize, fd: i32, offset: u64, len: u64) -> usize {
+        let zero = zero_block();
+        let per_op = (ZERO_BLOCK_LEN * MAX_IOVECS) as u64;
+        let mut done = 0;
+        let mut ops = 0;
+        while done < len {
+            let n = (len - done).min(per_op);
+            let iov = (0..n.div_ceil(ZERO_BLOCK_LEN as u64))
+                .map(|i| libc::iovec {
+                    // Writes only read from the buffer; the kernel never stores through it.
+                    iov_base: zero.as_ptr() as *mut libc::c_void,
+                    iov_len: (n - i * ZERO_BLOCK_LEN as u64).min(ZERO_BLOCK_LEN as u64) as usize,
+                })
+                .collect();
+            self.engine.push(IoOp {
+                fd,
+                offset: offset + done,
+                kind: OpKind::Write,
+                iov,
+                tag: tag(slot, index + 1, 0),
+            });
+            done += n;
+            ops += 1;
+        }
+        ops
+    }
+
+    fn handle_completions(&mut self) {
+        let completions = std::mem::take(&mut self.completions);
+        for c in &completions {
+            let (slot, host_op, attempt) = untag(c.tag);
+            let Some(req) = self.slots.get_mut(slot).and_then(Option::as_mut) else {
+                continue;
+            };
+            req.pending -= 1;
+            let mut resubmit = None;
+            if c.result == -libc::EOPNOTSUPP && host_op > 0 && attempt != 0 {
+                // The file system lacks this fallocate mode: remember, and fall back.
+                let op = req.host_ops[host_op - 1];
+                if attempt == ATTEMPT_PUNCH {
+                    self.no_punch_hole = true;
+                } else {
+                    self.no_zero_range = true;
+                }
+                info!(
+                    "queue {}: the file system does not support {}; falling back",
+                    self.index,
+                    if attempt == ATTEMPT_PUNCH {
+                        "punching holes"
+                    } else {
+                        "FALLOC_FL_ZERO_RANGE"
+                    }
+                );
+                if let HostOp::Zero { .. } = op {
+                    resubmit = Some(op);
+                }
+            } else if c.result < 0 && req.error.is_none() {
+                req.error = Some(RequestError::Host(io::Error::from_raw_os_error(-c.result)));
+            }
+            if let Some(op) = resubmit {
+                let n = self.push_host_op(slot, host_op - 1, op);
+                if let Some(req) = self.slots[slot].as_mut() {
+                    req.pending += n;
+                }
+            }
+            if self.slots[slot].as_ref().is_some_and(|r| r.pending == 0) {
+                self.retire(slot);
+            }
+        }
+        self.completions = completions;
+        self.completions.clear();
+    }
+
+    fn retire(&mut self, slot: usize) {
+        let Some(req) = self.slots[slot].take() else {
+            return;
+        };
+        self.free.push(slot);
+        let result = match req.error {
+            None => Ok(req.used_len),
+            Some(e) => Err(e),
+        };
+        self.finish(&req.mem, req.head, req.status, result);
+    }
+
+    /// Writes the status byte and queues the chain for the used ring.
+    fn finish(&mut self, mem: &GuestMem, head: u16, status: GuestAddress, result: Result<u32, RequestError>) {
+        let (byte, len) = match result {
+            Ok(len) => (STATUS_OK, len),
+            Err(e) => {
+                match &e {
+                    RequestError::Host(_) | RequestError::Block(BlockError::Io(_)) => {
+                        guest_warn!("queue {}: request {head} failed: {e}", self.index)
+                    }
+                    _ => guest_warn!("queue {}: request {head} refused: {e}", self.index),
+                }
+                (e.status(), 1)
+            }
+        };
+        if mem.write_obj(byte, status).is_err() {
+            // Checked at parse time; memory cannot have shrunk under our guard.
+            debug!("queue {}: status byte of {head} not writable", self.index);
+        }
+        self.used.push((head, len));
+    }
+
+    /// Returns finished chains to the guest and notifies it if it wants to be.
+    fn publish(&mut self, vring: &Vring) {
+        if self.used.is_empty() {
+            return;
+        }
+        {
+            let mut state = vring.get_mut();
+            for (head, len) in self.used.drain(..) {
+                if let Err(e) = state.add_used(head, len) {
+                    guest_warn!("queue {}: cannot return chain {head}: {e}", self.index);
+                }
+            }
+        }
+        if vring.needs_notification().unwrap_or(true) {
+            if let Err(e) = vring.signal_used_queue() {
+                debug!("queue {}: cannot notify the guest: {e}", self.index);
+            }
+        }
+    }
+
+    /// Validates a request and turns it into host operations.
+    fn plan(&mut self, req: &Request, mem: &GuestMem) -> Result<Plan, RequestError> {
+        let mut plan = Plan {
+            ops: Vec::new(),
+            host_ops: Vec::new(),
+            used_len: 1,
+        };
+        match req.kind {
+            RequestType::In | RequestType::Out => self.plan_rw(req, mem, &mut plan)?,
+            RequestType::Flush => self.backend.flush(&mut plan.host_ops)?,
+            RequestType::GetId => {
+                let n = guest::write_bytes(mem, &req.data, &self.settings.serial)?;
+                plan.used_len = n as u32 + 1;
+            }
+            RequestType::Discard | RequestType::WriteZeroes => {
+                self.plan_discard(req, mem, &mut plan.host_ops)?
+            }
+            RequestType::Unsupported(t) => return Err(RequestError::UnsupportedType(t)),
+        }
+        Ok(plan)
+    }
+
+    /// Byte range of a request, checked for overflow and logical-block alignment.
+    fn byte_range(&self, sector: u64, len: u64) -> Result<u64, RequestError> {
+        let offset = sector
+            .checked_mul(SECTOR_SIZE)
+            .ok_or(RequestError::Overflow(sector))?;
+        let lbs = u64::from(self.settings.logical_block_size);
+        if offset % lbs != 0 || len % lbs != 0 {
+            return Err(RequestError::Misaligned { offset, len });
+        }
+        Ok(offset)
+    }
+
+    fn plan_rw(&mut self, req: &Request, mem: &GuestMem, plan: &mut Plan) -> Result<(), RequestError> {
+        let write = req.kind == RequestType::Out;
+        let len = guest::total(&req.data);
+        let offset = self.byte_range(req.sector, len)?;
+        if write && self.settings.read_only {
+            return Err(BlockError::ReadOnly.into());
+        }
+        block::check_range(offset, len, self.backend.info().size)?;
+        if !write {
+            plan.used_len = u32::try_from(len + 1).unwrap_or(u32::MAX);
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        if write && offset == 0 && self.backend.info().probed_raw {
+            let mut head = [0u8; 512];
+            let n = (len as usize).min(head.len());
+            guest::read_bytes(mem, &req.data, &mut head[..n])?;
+            if let Some(format) = probe::header_signature(&head[..n]) {
+                return Err(RequestError::ProtectedHeader(format));
+            }
+        }
+        self.iov.clear();
+        let max_iov = self.settings.max_descriptors() * 4;
+        guest::host_iovecs(mem, &req.data, max_iov, &mut self.iov)?;
+        self.extents.clear();
+        if write {
+            self.backend.map_write(offset, len, &mut self.extents)?;
+        } else {
+            self.backend.map_read(offset, len, &mut self.extents)?;
+        }
+        let align = self.backend.info().mem_align;
+        if align > 1
+            && self
+                .iov
+                .iter()
+                .any(|v| v.iov_base as usize % align != 0 || v.iov_len % align != 0)
+        {
+            return self.bounce(write);
+        }
+        let mut cursor = IovCursor::new(&self.iov);
+        for ext in &self.extents {
+            match ext.target {
+                Target::Data { fd, offset } => {
+                    let mut done = 0;
+                    while done < ext.len {
+                        let mut iov = Vec::new();
+                        let n = cursor.take(ext.len - done, MAX_IOVECS, &mut iov);
+                        if n == 0 {
+                            break;
+                        }
+                        plan.ops.push(IoOp {
+                            fd,
+                            offset: offset + done,
+                            kind: if write { OpKind::Write } else { OpKind::Read },
+                            iov,
+                            tag: 0,
+                        });
+                        done += n;
+                    }
+                }
+                Target::Zero => {
+                    let mut iov = Vec::new();
+                    cursor.take(ext.len, usize::MAX, &mut iov);
+                    if !write {
+                        Transfer::zero(&iov);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a transfer whose guest buffers are misaligned for O_DIRECT through an aligned buffer,
+    /// synchronously and in bounded chunks.
+    fn bounce(&mut self, write: bool) -> Result<(), RequestError> {
+        let align = self.backend.info().mem_align.max(4096);
+        let buf = self
+            .bounce
+            .get_or_insert_with(|| AlignedBuf::new(BOUNCE_LEN, align));
+        let mut cursor = IovCursor::new(&self.iov);
+        let mut pieces = Vec::new();
+        for ext in &self.extents {
+            let mut done = 0;
+            while done < ext.len {
+                let n = (ext.len - done).min(BOUNCE_LEN as u64);
+                pieces.clear();
+                cursor.take(n, usize::MAX, &mut pieces);
+                match ext.target {
+                    Target::Zero => {
+                        if !write {
+                            Transfer::zero(&pieces);
+                        }
+                    }
+                    Target::Data { fd, offset } => {
+                        if write {
+                            copy_iov(&pieces, buf.as_mut_slice(), true);
+                        }
+                        let mut op = IoOp {
+                            fd,
+                            offset: offset + done,
+                            kind: if write { OpKind::Write } else { OpKind::Read },
+                            iov: vec![libc::iovec {
+                                iov_base: buf.as_mut_ptr().cast(),
+                                iov_len: n as usize,
+                            }],
+                            tag: 0,
+                        };
+                        let res = sys::execute(&mut op);
+                        if res < 0 {
+                            return Err(RequestError::Host(io::Error::from_raw_os_error(-res)));
+                        }
+                        if !write {
+                            copy_iov(&pieces, buf.as_mut_slice(), false);
+                        }
+                    }
+                }
+                done += n;
+            }
+        }
+        Ok(())
+    }
+
+    fn plan_discard(&mut self, req: &Request, mem: &GuestMem, out: &mut Vec<HostOp>) -> Result<(), RequestError> {
+        if self.settings.read_only {
+            return Err(BlockError::ReadOnly.into());
+        }
+        let discard = req.kind == RequestType::Discard;
+        let segments = request::discard_segments(mem, &req.data, MAX_DISCARD_SEGMENTS as usize)?;
+        let mut ranges = Vec::with_capacity(segments.len());
+        // Validate every segment before planning any, so a bad one changes nothing.
+        for s in &segments {
+            let unmap = s.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+            if s.flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 || (discard && unmap) {
+                return Err(RequestError::UnsupportedFlags(s.flags));
+            }
+            if s.num_sectors > MAX_DISCARD_SECTORS {
+                return Err(RequestError::SegmentTooLarge(s.num_sectors));
+            }
+            let len = u64::from(s.num_sectors) * SECTOR_SIZE;
+            let offset = self.byte_range(s.sector, len)?;
+            block::check_range(offset, len, self.backend.info().size)?;
+            ranges.push((offset, len, unmap));
+        }
+        let unmap_allowed = self.settings.discard == DiscardMode::Unmap;
+        for (offset, len, unmap) in ranges {
+            if len == 0 {
+                continue;
+            }
+            if discard {
+                if unmap_allowed {
+                    self.backend.discard(offset, len, out)?;
+                }
+            } else {
+                self.backend
+                    .write_zeroes(offset, len, unmap && unmap_allowed, out)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Copies between guest iovecs and the start of `buf`: into `buf` if `to_buf`, out of it otherwise.
+fn copy_iov(iov: &[libc::iovec], buf: &mut [u8], to_buf: bool) {
+    let mut at = 0;
+    for v in iov {
+        let n = v.iov_len.min(buf.len() - at);
+        let p = v.iov_base.cast::<u8>();
+        // SAFETY: the iovec points into guest memory kept mapped by the request's memory guard
+        // and lies inside a buffer of the descriptor chain; `buf[at..at + n]` is in bounds.
+        unsafe {
+            if to_buf {
+                std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr().add(at), n);
+            } else {
+                std::ptr::copy_nonoverlapping(buf.as_ptr().add(at), p, n);
+            }
+        }
+        at += n;
+    }
+}
+
+// SAFETY: the only non-Send fields are raw iovec pointers into guest memory (scratch `iov`, and
+// ops inside the engine); they are used by whichever single thread holds the worker's mutex, and
+// the memory they point to is kept alive by `Arc<GuestMem>` guards that are themselves Send.
+unsafe impl Send for QueueWorker {}
+
+impl Drop for QueueWorker {
+    fn drop(&mut self) {
+        // The kernel may still be transferring into guest memory that in-flight requests keep
+        // mapped: wait for it before the requests (and their memory guards) go away.
+        self.drain();
+    }
+}
+
