@@ -268,6 +268,12 @@ pub fn open(opts: &OpenOptions) -> Result<Arc<dyn BlockBackend>, OpenError> {
             }
         }
     };
+    if format == ImageFormat::Qcow2 {
+        return Err(OpenError::UnsupportedFormat {
+            path: opts.path.clone(),
+            format,
+        });
+    }
     info!(
         "{}: {} image, {} bytes{}{}",
         opts.path.display(),
@@ -280,13 +286,7 @@ pub fn open(opts: &OpenOptions) -> Result<Arc<dyn BlockBackend>, OpenError> {
             ""
         }
     );
-    match format {
-        ImageFormat::Raw => Ok(Arc::new(raw::RawBackend::new(file, opts.read_only, probed_raw))),
-        ImageFormat::Qcow2 => Err(OpenError::UnsupportedFormat {
-            path: opts.path.clone(),
-            format,
-        }),
-    }
+    Ok(Arc::new(raw::RawBackend::new(file, opts.read_only, probed_raw)))
 }
 
 /// Checks a range against a disk size without overflowing.

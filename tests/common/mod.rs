@@ -1,0 +1,243 @@
+//! Test harness: run the daemon binary on a temporary socket and drive it with a real
+//! vhost-user-blk front-end (libblkio's Rust core).
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::Write;
+use std::mem::MaybeUninit;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-blk");
+
+/// A small deterministic PRNG (xorshift64*).
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+/// Creates a raw image of `size` bytes filled with a pattern from `seed`; returns its contents.
+pub fn pattern_image(path: &Path, size: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; size];
+    Rng::new(seed).fill(&mut data);
+    File::create(path).unwrap().write_all(&data).unwrap();
+    data
+}
+
+/// Reads a whole file.
+pub fn read_file(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+/// A running daemon.
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon on `image` with extra arguments, listening in `dir`; waits for the socket.
+    pub fn start(dir: &Path, image: &Path, extra: &[&str]) -> Daemon {
+        let socket = dir.join(format!("vub-{}.sock", std::process::id()));
+        let log = dir.join("daemon.log");
+        let child = Command::new(BIN)
+            .arg("--socket-path")
+            .arg(&socket)
+            .arg("--blk-file")
+            .arg(image)
+            .args(extra)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut d = Daemon { child, socket, log };
+        d.wait_for_socket();
+        d
+    }
+
+    fn wait_for_socket(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.socket.exists() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("daemon exited early ({status}): {}", self.log_text());
+            }
+            assert!(Instant::now() < deadline, "daemon did not create its socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn path(&self) -> &str {
+        self.socket.to_str().unwrap()
+    }
+
+    /// Sends SIGTERM and waits (at most 10 s) for the exit.
+    pub fn stop(mut self) -> ExitStatus {
+        signal(&self.child, libc::SIGTERM);
+        let status = wait_timeout(&mut self.child, Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("daemon ignored SIGTERM: {}", self.log_text()));
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn signal(child: &Child, sig: i32) {
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+pub fn wait_timeout(child: &mut Child, t: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + t;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A connected vhost-user-blk front-end with one shared I/O buffer.
+pub struct Client {
+    pub blkio: Blkio,
+    pub queues: Vec<Blkioq>,
+    pub region: MemoryRegion,
+}
+
+pub const REGION_LEN: usize = 8 << 20;
+
+impl Client {
+    pub fn connect(socket: &str, num_queues: i32, read_only: bool) -> Result<Client, blkio::Error> {
+        let mut b = Blkio::new("virtio-blk-vhost-user")?;
+        b.set_str("path", socket)?;
+        b.set_bool("read-only", read_only)?;
+        b.connect()?;
+        b.set_i32("num-queues", num_queues)?;
+        let queues = b.start()?.queues;
+        let align = b.get_u64("mem-region-alignment")? as usize;
+        let region = b.alloc_mem_region(REGION_LEN.next_multiple_of(align))?;
+        b.map_mem_region(&region)?;
+        Ok(Client {
+            blkio: b,
+            queues,
+            region,
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.blkio.get_u64("capacity").unwrap()
+    }
+
+    /// The shared buffer (`REGION_LEN` bytes).
+    pub fn buf(&mut self) -> &mut [u8] {
+        // SAFETY: the region is mapped for our lifetime and no request is in flight while the
+        // caller holds this borrow.
+        unsafe { std::slice::from_raw_parts_mut(self.region.addr as *mut u8, REGION_LEN) }
+    }
+
+    pub fn ptr(&self, at: usize) -> *mut u8 {
+        assert!(at < REGION_LEN);
+        (self.region.addr + at) as *mut u8
+    }
+
+    /// Waits for one completion on queue `q` and returns its `ret` (0 or -errno).
+    pub fn complete(q: &mut Blkioq) -> (usize, i32) {
+        let mut c = [const { MaybeUninit::<Completion>::uninit() }];
+        let mut t = Duration::from_secs(30);
+        let n = q.do_io(&mut c, 1, Some(&mut t), None).unwrap();
+        assert_eq!(n, 1, "request timed out");
+        // SAFETY: do_io initialised one completion.
+        let c = unsafe { c[0].assume_init_read() };
+        (c.user_data, c.ret)
+    }
+
+    pub fn read(&mut self, q: usize, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
+        let p = self.ptr(0);
+        self.queues[q].read(offset, p, len, 1, ReqFlags::empty());
+        match Self::complete(&mut self.queues[q]).1 {
+            0 => Ok(self.buf()[..len].to_vec()),
+            e => Err(e),
+        }
+    }
+
+    pub fn write(&mut self, q: usize, offset: u64, data: &[u8]) -> Result<(), i32> {
+        self.buf()[..data.len()].copy_from_slice(data);
+        let p = self.ptr(0);
+        self.queues[q].write(offset, p, data.len(), 2, ReqFlags::empty());
+        Self::ret(Self::complete(&mut self.queues[q]).1)
+    }
+
+    pub fn flush(&mut self, q: usize) -> Result<(), i32> {
+        self.queues[q].flush(3, ReqFlags::empty());
+        Self::ret(Self::complete(&mut self.queues[q]).1)
+    }
+
+    pub fn discard(&mut self, q: usize, offset: u64, len: u64) -> Result<(), i32> {
+        self.queues[q].discard(offset, len, 4, ReqFlags::empty());
+        Self::ret(Self::complete(&mut self.queues[q]).1)
+    }
+
+    pub fn write_zeroes(&mut self, q: usize, offset: u64, len: u64, unmap: bool) -> Result<(), i32> {
+        let flags = if unmap { ReqFlags::empty() } else { ReqFlags::NO_UNMAP };
+        self.queues[q].write_zeroes(offset, len, 5, flags);
+        Self::ret(Self::complete(&mut self.queues[q]).1)
+    }
+
+    fn ret(r: i32) -> Result<(), i32> {
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(r)
+        }
+    }
+}
+
+/// Allocated bytes of a file (to see holes).
+pub fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Reads `len` bytes at `offset` of a host file.
+pub fn file_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    File::open(path).unwrap().read_exact_at(&mut v, offset).unwrap();
+    v
+}
