@@ -157,15 +157,36 @@ mod tests {
         assert_eq!(c.device.discard, DiscardMode::Unmap);
         assert_eq!(c.aio, AioMode::Auto);
         assert!(c.device.serial.starts_with(b"vdb-"));
-        assert_eq!(c.device.serial, serial_bytes(&default_serial(Path::new("/tmp/i"))));
+        assert_eq!(
+            c.device.serial,
+            serial_bytes(&default_serial(Path::new("/tmp/i")))
+        );
     }
 
     #[test]
     fn every_flag() {
         let c = parse(&[
-            "--fd", "3", "--blk-file", "i", "--format", "qcow2", "--read-only", "--num-queues", "4",
-            "--queue-size", "256", "--cache", "none", "--aio", "threads", "--serial", "disk-1",
-            "--logical-block-size", "4096", "--discard", "ignore",
+            "--fd",
+            "3",
+            "--blk-file",
+            "i",
+            "--format",
+            "qcow2",
+            "--read-only",
+            "--num-queues",
+            "4",
+            "--queue-size",
+            "256",
+            "--cache",
+            "none",
+            "--aio",
+            "threads",
+            "--serial",
+            "disk-1",
+            "--logical-block-size",
+            "4096",
+            "--discard",
+            "ignore",
         ])
         .unwrap();
         assert_eq!(c.listen, Listen::Fd(3));
@@ -182,21 +203,48 @@ mod tests {
 
     #[test]
     fn invalid_combinations() {
-        assert_eq!(parse(&["--blk-file", "i"]).unwrap_err(), ConfigError::Listen);
-        assert_eq!(parse(&["--socket-path", "s"]).unwrap_err(), ConfigError::NoImage);
-        assert_eq!(parse(&["--fd", "1", "--blk-file", "i"]).unwrap_err(), ConfigError::Fd(1));
+        assert_eq!(
+            parse(&["--blk-file", "i"]).unwrap_err(),
+            ConfigError::Listen
+        );
+        assert_eq!(
+            parse(&["--socket-path", "s"]).unwrap_err(),
+            ConfigError::NoImage
+        );
+        assert_eq!(
+            parse(&["--fd", "1", "--blk-file", "i"]).unwrap_err(),
+            ConfigError::Fd(1)
+        );
         let base = ["--socket-path", "s", "--blk-file", "i"];
         let with = |extra: &[&str]| parse(&[&base[..], extra].concat());
-        assert_eq!(with(&["--num-queues", "0"]).unwrap_err(), ConfigError::NumQueues(0));
-        assert_eq!(with(&["--num-queues", "65"]).unwrap_err(), ConfigError::NumQueues(65));
-        assert_eq!(with(&["--queue-size", "100"]).unwrap_err(), ConfigError::QueueSize(100));
-        assert_eq!(with(&["--queue-size", "2048"]).unwrap_err(), ConfigError::QueueSize(2048));
+        assert_eq!(
+            with(&["--num-queues", "0"]).unwrap_err(),
+            ConfigError::NumQueues(0)
+        );
+        assert_eq!(
+            with(&["--num-queues", "65"]).unwrap_err(),
+            ConfigError::NumQueues(65)
+        );
+        assert_eq!(
+            with(&["--queue-size", "100"]).unwrap_err(),
+            ConfigError::QueueSize(100)
+        );
+        assert_eq!(
+            with(&["--queue-size", "2048"]).unwrap_err(),
+            ConfigError::QueueSize(2048)
+        );
         assert_eq!(
             with(&["--logical-block-size", "1024"]).unwrap_err(),
             ConfigError::LogicalBlockSize(1024)
         );
-        assert_eq!(with(&["--serial", "012345678901234567890"]).unwrap_err(), ConfigError::Serial);
-        assert_eq!(with(&["--serial", "tab\there"]).unwrap_err(), ConfigError::Serial);
+        assert_eq!(
+            with(&["--serial", "012345678901234567890"]).unwrap_err(),
+            ConfigError::Serial
+        );
+        assert_eq!(
+            with(&["--serial", "tab\there"]).unwrap_err(),
+            ConfigError::Serial
+        );
         assert!(Args::try_parse_from(["x", "--socket-path", "s", "--fd", "3"]).is_err());
     }
 }

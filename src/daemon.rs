@@ -159,13 +159,18 @@ fn listen(listen: &Listen) -> Result<Listener, Error> {
 /// Replaces a leftover socket file, refuses to clobber anything else.
 fn remove_stale_socket(path: &Path) -> Result<(), Error> {
     match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => fs::remove_file(path).map_err(|source| Error::Listen {
-            path: path.to_owned(),
-            source,
-        }),
+        Ok(m) if m.file_type().is_socket() => {
+            fs::remove_file(path).map_err(|source| Error::Listen {
+                path: path.to_owned(),
+                source,
+            })
+        }
         Ok(_) => Err(Error::Listen {
             path: path.to_owned(),
-            source: std::io::Error::new(std::io::ErrorKind::AlreadyExists, "exists and is not a socket"),
+            source: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket",
+            ),
         }),
         Err(_) => Ok(()),
     }
@@ -177,7 +182,13 @@ fn check_listening_socket(fd: RawFd) -> Result<(), String> {
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: `val` and `len` are valid out-pointers of the sizes given.
         let rc = unsafe {
-            libc::getsockopt(fd, libc::SOL_SOCKET, opt, (&mut val as *mut libc::c_int).cast(), &mut len)
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&mut val as *mut libc::c_int).cast(),
+                &mut len,
+            )
         };
         if rc == 0 {
             Ok(val)
@@ -232,7 +243,13 @@ impl Signals {
         let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
         let len = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: reading at most `len` bytes into `info`, which is `len` bytes long.
-        let n = unsafe { libc::read(self.fd, (&mut info as *mut libc::signalfd_siginfo).cast(), len) };
+        let n = unsafe {
+            libc::read(
+                self.fd,
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                len,
+            )
+        };
         match (n == len as isize).then_some(info.ssi_signo as i32) {
             Some(libc::SIGINT) => "SIGINT",
             _ => "SIGTERM",

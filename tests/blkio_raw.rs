@@ -38,7 +38,10 @@ fn reads_match_the_file() {
             let len = (1 + rng.below(512) as usize) * 512;
             let off = rng.below(((data.len() - len) / 512) as u64) * 512;
             let got = c.read(0, off, len).unwrap();
-            assert!(got == data[off as usize..off as usize + len], "read {off}+{len}");
+            assert!(
+                got == data[off as usize..off as usize + len],
+                "read {off}+{len}"
+            );
         }
         // A read as large as the whole buffer, and the last sector.
         assert!(c.read(0, 0, REGION_LEN).unwrap() == data[..REGION_LEN]);
@@ -94,13 +97,28 @@ fn discard_and_write_zeroes() {
         let before = allocated(&img);
         c.discard(0, 4 * MIB as u64, 2 * MIB as u64).unwrap();
         c.flush(0).unwrap();
-        assert!(file_range(&img, 4 * MIB as u64, 2 * MIB).iter().all(|&b| b == 0));
-        assert!(allocated(&img) <= before - 2 * MIB as u64, "discard punched no hole");
+        assert!(file_range(&img, 4 * MIB as u64, 2 * MIB)
+            .iter()
+            .all(|&b| b == 0));
+        assert!(
+            allocated(&img) <= before - 2 * MIB as u64,
+            "discard punched no hole"
+        );
 
-        c.write_zeroes(0, 8 * MIB as u64, MIB as u64, false).unwrap();
-        c.write_zeroes(0, 10 * MIB as u64 + 512, 4096, true).unwrap();
-        assert!(c.read(0, 8 * MIB as u64, MIB).unwrap().iter().all(|&b| b == 0));
-        assert!(c.read(0, 10 * MIB as u64 + 512, 4096).unwrap().iter().all(|&b| b == 0));
+        c.write_zeroes(0, 8 * MIB as u64, MIB as u64, false)
+            .unwrap();
+        c.write_zeroes(0, 10 * MIB as u64 + 512, 4096, true)
+            .unwrap();
+        assert!(c
+            .read(0, 8 * MIB as u64, MIB)
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0));
+        assert!(c
+            .read(0, 10 * MIB as u64 + 512, 4096)
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0));
 
         // Untouched neighbours keep their data.
         let file = read_file(&img);
@@ -118,7 +136,11 @@ fn discard_ignore_keeps_data() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("disk.raw");
     let data = pattern_image(&img, 4 * MIB, 6);
-    let d = Daemon::start(dir.path(), &img, &["--format", "raw", "--discard", "ignore"]);
+    let d = Daemon::start(
+        dir.path(),
+        &img,
+        &["--format", "raw", "--discard", "ignore"],
+    );
     let mut c = Client::connect(d.path(), 1, false).unwrap();
     c.discard(0, 0, MIB as u64).unwrap();
     // WRITE_ZEROES with UNMAP still zeroes, just without deallocating.
@@ -163,7 +185,13 @@ fn several_queues_at_once() {
                     for i in 0..16usize {
                         let at = (q * 16 + i) * chunk;
                         let off = (q * 4 * MIB + i * chunk) as u64;
-                        queue.write(off, (base + at) as *const u8, chunk, i, blkio::ReqFlags::empty());
+                        queue.write(
+                            off,
+                            (base + at) as *const u8,
+                            chunk,
+                            i,
+                            blkio::ReqFlags::empty(),
+                        );
                     }
                     for _ in 0..16 {
                         assert_eq!(Client::complete(queue).1, 0);
@@ -189,9 +217,14 @@ fn reconnects_serve_the_same_image() {
         let mut c = Client::connect(d.path(), 2, false).unwrap();
         if round > 0 {
             // What the previous connection wrote is there.
-            assert!(c.read(1, 4096 * u64::from(round - 1), 4096).unwrap().iter().all(|&b| b == round));
+            assert!(c
+                .read(1, 4096 * u64::from(round - 1), 4096)
+                .unwrap()
+                .iter()
+                .all(|&b| b == round));
         }
-        c.write(0, 4096 * u64::from(round), &[round + 1; 4096]).unwrap();
+        c.write(0, 4096 * u64::from(round), &[round + 1; 4096])
+            .unwrap();
         // Leave I/O in flight on purpose on the last rounds: the daemon drains it on disconnect.
         if round >= 2 {
             let p = c.ptr(0);
@@ -211,7 +244,9 @@ fn read_only_device() {
     let data = pattern_image(&img, 4 * MIB, 9);
     let d = Daemon::start(dir.path(), &img, &["--format", "raw", "--read-only"]);
     // The device offers VIRTIO_BLK_F_RO: libblkio refuses to start it writable.
-    let err = Client::connect(d.path(), 1, false).err().expect("read-only device started writable");
+    let err = Client::connect(d.path(), 1, false)
+        .err()
+        .expect("read-only device started writable");
     assert_eq!(err.errno(), blkio::Errno::ROFS);
     let mut c = Client::connect(d.path(), 1, true).unwrap();
     assert!(c.read(0, 0, 65536).unwrap() == data[..65536]);
@@ -235,7 +270,10 @@ fn out_of_range_requests_fail_and_the_queue_goes_on() {
         assert_eq!(c.write(0, cap - 512, &[1; 4096]), Err(EIO));
         assert_eq!(c.write_zeroes(0, cap - 512, 1024, false), Err(EIO));
         assert_eq!(c.discard(0, cap, 512), Err(EIO));
-        assert_eq!(c.read(0, u64::MAX - 511, 512).err().map(|e| e < 0), Some(true));
+        assert_eq!(
+            c.read(0, u64::MAX - 511, 512).err().map(|e| e < 0),
+            Some(true)
+        );
         // Nothing was written, and the queue still works.
         assert!(c.read(0, cap - 4096, 4096).unwrap() == data[data.len() - 4096..]);
         drop(c);
@@ -278,7 +316,10 @@ fn probed_raw_refuses_image_headers_in_sector_zero() {
     let d = Daemon::start(dir.path(), &img, &[]);
     let mut c = Client::connect(d.path(), 1, false).unwrap();
     assert_eq!(c.write(0, 0, &header), Err(EIO));
-    assert_eq!(c.write(0, 0, b"KDMV\0\0\0\0".repeat(64).as_slice()), Err(EIO));
+    assert_eq!(
+        c.write(0, 0, b"KDMV\0\0\0\0".repeat(64).as_slice()),
+        Err(EIO)
+    );
     // Ordinary data in sector 0, and headers elsewhere, are fine.
     c.write(0, 0, &[0xee; 512]).unwrap();
     c.write(0, 4096, &header).unwrap();

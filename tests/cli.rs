@@ -31,7 +31,9 @@ fn print_capabilities() {
         r#"{"type":"block","features":["read-only","blk-file"]}"#
     );
     // Other options are ignored, as the vhost-user conventions ask.
-    assert!(run(&["--print-capabilities", "--num-queues", "0"]).status.success());
+    assert!(run(&["--print-capabilities", "--num-queues", "0"])
+        .status
+        .success());
 }
 
 #[test]
@@ -40,8 +42,18 @@ fn help_lists_every_flag() {
     assert!(o.status.success());
     let text = String::from_utf8(o.stdout).unwrap();
     for flag in [
-        "--socket-path", "--fd", "--blk-file", "--format", "--read-only", "--num-queues",
-        "--queue-size", "--cache", "--aio", "--serial", "--logical-block-size", "--discard",
+        "--socket-path",
+        "--fd",
+        "--blk-file",
+        "--format",
+        "--read-only",
+        "--num-queues",
+        "--queue-size",
+        "--cache",
+        "--aio",
+        "--serial",
+        "--logical-block-size",
+        "--discard",
         "--print-capabilities",
     ] {
         assert!(text.contains(flag), "--help lacks {flag}");
@@ -54,10 +66,38 @@ fn bad_arguments_give_one_line_and_exit_2() {
         &["--bogus"][..],
         &["--socket-path", "/tmp/x.sock"],
         &["--blk-file", "/tmp/x.img"],
-        &["--socket-path", "/tmp/x.sock", "--fd", "3", "--blk-file", "x"],
-        &["--socket-path", "/tmp/x.sock", "--blk-file", "x", "--num-queues", "0"],
-        &["--socket-path", "/tmp/x.sock", "--blk-file", "x", "--cache", "unsafe"],
-        &["--socket-path", "/tmp/x.sock", "--blk-file", "x", "--queue-size", "100"],
+        &[
+            "--socket-path",
+            "/tmp/x.sock",
+            "--fd",
+            "3",
+            "--blk-file",
+            "x",
+        ],
+        &[
+            "--socket-path",
+            "/tmp/x.sock",
+            "--blk-file",
+            "x",
+            "--num-queues",
+            "0",
+        ],
+        &[
+            "--socket-path",
+            "/tmp/x.sock",
+            "--blk-file",
+            "x",
+            "--cache",
+            "unsafe",
+        ],
+        &[
+            "--socket-path",
+            "/tmp/x.sock",
+            "--blk-file",
+            "x",
+            "--queue-size",
+            "100",
+        ],
     ] {
         let o = run(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}");
@@ -73,13 +113,26 @@ fn image_problems_give_one_line_and_exit_1() {
     let sock = dir.path().join("s.sock");
     let sock = sock.to_str().unwrap();
     let missing = dir.path().join("missing.img");
-    let o = run(&["--socket-path", sock, "--blk-file", missing.to_str().unwrap()]);
+    let o = run(&[
+        "--socket-path",
+        sock,
+        "--blk-file",
+        missing.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let lines = stderr_lines(&o);
     assert_eq!(lines.len(), 1, "{lines:?}");
-    assert!(lines[0].contains("missing.img") && lines[0].contains("No such file"), "{lines:?}");
+    assert!(
+        lines[0].contains("missing.img") && lines[0].contains("No such file"),
+        "{lines:?}"
+    );
 
-    let o = run(&["--socket-path", sock, "--blk-file", dir.path().to_str().unwrap()]);
+    let o = run(&[
+        "--socket-path",
+        sock,
+        "--blk-file",
+        dir.path().to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
 
     // Until the qcow2 engine lands: explicit or probed qcow2 is refused clearly.
@@ -113,7 +166,12 @@ fn image_problems_give_one_line_and_exit_1() {
     // Something that is not a socket at --socket-path is never removed.
     let img = dir.path().join("disk.raw");
     pattern_image(&img, 1 << 20, 1);
-    let o = run(&["--socket-path", img.to_str().unwrap(), "--blk-file", img.to_str().unwrap()]);
+    let o = run(&[
+        "--socket-path",
+        img.to_str().unwrap(),
+        "--blk-file",
+        img.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(img.exists());
 }
@@ -157,8 +215,15 @@ fn inherited_listening_socket() {
     let listener = UnixListener::bind(&sock).unwrap();
     let fd = listener.as_raw_fd();
     let mut cmd = Command::new(BIN);
-    cmd.args(["--fd", "3", "--format", "raw", "--blk-file", img.to_str().unwrap()])
-        .stderr(Stdio::null());
+    cmd.args([
+        "--fd",
+        "3",
+        "--format",
+        "raw",
+        "--blk-file",
+        img.to_str().unwrap(),
+    ])
+    .stderr(Stdio::null());
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -174,14 +239,18 @@ fn inherited_listening_socket() {
     let mut c = loop {
         match Client::connect(sock.to_str().unwrap(), 1, false) {
             Ok(c) => break c,
-            Err(_) if child.try_wait().unwrap().is_none() => std::thread::sleep(Duration::from_millis(20)),
+            Err(_) if child.try_wait().unwrap().is_none() => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
             Err(e) => panic!("{e:?}"),
         }
     };
     assert!(c.read(0, 0, 4096).unwrap() == data[..4096]);
     drop(c);
     signal(&child, libc::SIGTERM);
-    assert!(wait_timeout(&mut child, Duration::from_secs(5)).unwrap().success());
+    assert!(wait_timeout(&mut child, Duration::from_secs(5))
+        .unwrap()
+        .success());
 
     // An fd that is not a listening socket is refused.
     let o = run(&["--fd", "0", "--blk-file", img.to_str().unwrap()]);
@@ -189,7 +258,14 @@ fn inherited_listening_socket() {
     let f = std::fs::File::open(&img).unwrap();
     let fd = f.as_raw_fd();
     let mut cmd = Command::new(BIN);
-    cmd.args(["--fd", "3", "--format", "raw", "--blk-file", img.to_str().unwrap()]);
+    cmd.args([
+        "--fd",
+        "3",
+        "--format",
+        "raw",
+        "--blk-file",
+        img.to_str().unwrap(),
+    ]);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {

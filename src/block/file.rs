@@ -120,13 +120,24 @@ fn dio_alignment(path: &Path) -> (usize, u64) {
     // SAFETY: statx is plain old data; all-zero is a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: `cpath` is a valid NUL-terminated string and `stx` a valid out-pointer.
-    let rc = unsafe { libc::statx(libc::AT_FDCWD, cpath.as_ptr(), 0, libc::STATX_DIOALIGN, &mut stx) };
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            cpath.as_ptr(),
+            0,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
+    };
     if rc == 0
         && stx.stx_mask & libc::STATX_DIOALIGN != 0
         && stx.stx_dio_mem_align.is_power_of_two()
         && stx.stx_dio_offset_align.is_power_of_two()
     {
-        (stx.stx_dio_mem_align as usize, u64::from(stx.stx_dio_offset_align))
+        (
+            stx.stx_dio_mem_align as usize,
+            u64::from(stx.stx_dio_offset_align),
+        )
     } else {
         (FALLBACK as usize, u64::from(FALLBACK))
     }

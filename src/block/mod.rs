@@ -286,7 +286,11 @@ pub fn open(opts: &OpenOptions) -> Result<Arc<dyn BlockBackend>, OpenError> {
             ""
         }
     );
-    Ok(Arc::new(raw::RawBackend::new(file, opts.read_only, probed_raw)))
+    Ok(Arc::new(raw::RawBackend::new(
+        file,
+        opts.read_only,
+        probed_raw,
+    )))
 }
 
 /// Checks a range against a disk size without overflowing.

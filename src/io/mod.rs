@@ -88,6 +88,8 @@ pub enum EngineError {
 }
 
 /// A per-queue I/O engine.
+// One per queue and never moved on the hot path: boxing the ring would only add an indirection.
+#[allow(clippy::large_enum_variant)]
 pub enum Engine {
     /// io_uring backed.
     Uring(uring::UringEngine),

@@ -60,7 +60,8 @@ pub fn execute(op: &mut IoOp) -> i32 {
             }
         },
         OpKind::Fallocate { mode, len } => {
-            let (Ok(offset), Ok(len)) = (libc::off_t::try_from(op.offset), libc::off_t::try_from(len))
+            let (Ok(offset), Ok(len)) =
+                (libc::off_t::try_from(op.offset), libc::off_t::try_from(len))
             else {
                 return -libc::EINVAL;
             };

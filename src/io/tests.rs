@@ -48,7 +48,10 @@ fn engines_write_read_scatter_gather() {
             iov: vec![iov(&mut a), iov(&mut b)],
             tag: 7,
         };
-        assert_eq!(run(&mut engine, vec![w]), vec![Completion { tag: 7, result: 0 }]);
+        assert_eq!(
+            run(&mut engine, vec![w]),
+            vec![Completion { tag: 7, result: 0 }]
+        );
 
         let mut back = vec![0u8; 8192];
         file.read_exact_at(&mut back, 4096).unwrap();
@@ -72,7 +75,12 @@ fn engines_write_read_scatter_gather() {
             tag: 10,
         };
         let done = run(&mut engine, vec![r, s]);
-        assert_eq!(done.iter().map(|c| c.result).collect::<Vec<_>>(), [0, 0], "{}", engine.name());
+        assert_eq!(
+            done.iter().map(|c| c.result).collect::<Vec<_>>(),
+            [0, 0],
+            "{}",
+            engine.name()
+        );
         assert_eq!([r1, r2].concat(), back);
     }
 }

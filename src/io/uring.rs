@@ -78,16 +78,12 @@ impl UringEngine {
     fn entry(op: &IoOp, slot: usize) -> squeue::Entry {
         let fd = types::Fd(op.fd);
         let e = match op.kind {
-            OpKind::Read => {
-                opcode::Readv::new(fd, op.iov.as_ptr(), op.iov.len() as u32)
-                    .offset(op.offset)
-                    .build()
-            }
-            OpKind::Write => {
-                opcode::Writev::new(fd, op.iov.as_ptr(), op.iov.len() as u32)
-                    .offset(op.offset)
-                    .build()
-            }
+            OpKind::Read => opcode::Readv::new(fd, op.iov.as_ptr(), op.iov.len() as u32)
+                .offset(op.offset)
+                .build(),
+            OpKind::Write => opcode::Writev::new(fd, op.iov.as_ptr(), op.iov.len() as u32)
+                .offset(op.offset)
+                .build(),
             OpKind::Fdatasync => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),

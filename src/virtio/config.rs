@@ -118,7 +118,10 @@ mod tests {
         let c = VirtioBlkConfig::new(&settings(), 1 << 30, 65536);
         let b = c.read(0, 60).unwrap();
         let le32 = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
-        assert_eq!(u64::from_le_bytes(b[0..8].try_into().unwrap()), (1 << 30) / 512);
+        assert_eq!(
+            u64::from_le_bytes(b[0..8].try_into().unwrap()),
+            (1 << 30) / 512
+        );
         assert_eq!(le32(12), 126);
         assert_eq!(le32(20), 4096);
         assert_eq!(u16::from_le_bytes([b[26], b[27]]), 1);

@@ -54,7 +54,11 @@ pub fn truncate_back(segs: &mut Vec<Seg>, mut n: u64) {
 }
 
 /// Copies the first `buf.len()` bytes of `segs` into `buf`.
-pub fn read_bytes<M: GuestMemoryBackend>(mem: &M, segs: &[Seg], buf: &mut [u8]) -> Result<(), RequestError> {
+pub fn read_bytes<M: GuestMemoryBackend>(
+    mem: &M,
+    segs: &[Seg],
+    buf: &mut [u8],
+) -> Result<(), RequestError> {
     let mut done = 0;
     for s in segs {
         if done == buf.len() {
@@ -72,7 +76,11 @@ pub fn read_bytes<M: GuestMemoryBackend>(mem: &M, segs: &[Seg], buf: &mut [u8]) 
 }
 
 /// Copies `data` into the start of `segs`, as far as they reach; returns the bytes written.
-pub fn write_bytes<M: GuestMemoryBackend>(mem: &M, segs: &[Seg], data: &[u8]) -> Result<usize, RequestError> {
+pub fn write_bytes<M: GuestMemoryBackend>(
+    mem: &M,
+    segs: &[Seg],
+    data: &[u8],
+) -> Result<usize, RequestError> {
     let mut done = 0;
     for s in segs {
         if done == data.len() {
@@ -119,7 +127,11 @@ pub struct IovCursor<'a> {
 impl<'a> IovCursor<'a> {
     /// Starts at the first byte of `iov`.
     pub fn new(iov: &'a [libc::iovec]) -> Self {
-        IovCursor { iov, idx: 0, off: 0 }
+        IovCursor {
+            iov,
+            idx: 0,
+            off: 0,
+        }
     }
 
     /// Appends iovecs for up to `n` further bytes, using at most `max` entries; returns the bytes

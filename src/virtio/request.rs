@@ -131,7 +131,9 @@ where
     }
     guest::read_bytes(mem, &readable, &mut header)
         .map_err(|_| malformed("request header outside guest memory"))?;
-    let kind = RequestType::from(u32::from_le_bytes([header[0], header[1], header[2], header[3]]));
+    let kind = RequestType::from(u32::from_le_bytes([
+        header[0], header[1], header[2], header[3],
+    ]));
     let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
 
     let data = match kind {

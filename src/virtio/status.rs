@@ -76,10 +76,25 @@ mod tests {
 
     #[test]
     fn unsupported_vs_ioerr() {
-        assert_eq!(RequestError::UnsupportedType(99).status(), VIRTIO_BLK_S_UNSUPP as u8);
-        assert_eq!(RequestError::UnsupportedFlags(2).status(), VIRTIO_BLK_S_UNSUPP as u8);
-        assert_eq!(RequestError::TooManySegments(99).status(), VIRTIO_BLK_S_UNSUPP as u8);
-        assert_eq!(RequestError::Block(BlockError::ReadOnly).status(), VIRTIO_BLK_S_IOERR as u8);
-        assert_eq!(RequestError::Overflow(u64::MAX).status(), VIRTIO_BLK_S_IOERR as u8);
+        assert_eq!(
+            RequestError::UnsupportedType(99).status(),
+            VIRTIO_BLK_S_UNSUPP as u8
+        );
+        assert_eq!(
+            RequestError::UnsupportedFlags(2).status(),
+            VIRTIO_BLK_S_UNSUPP as u8
+        );
+        assert_eq!(
+            RequestError::TooManySegments(99).status(),
+            VIRTIO_BLK_S_UNSUPP as u8
+        );
+        assert_eq!(
+            RequestError::Block(BlockError::ReadOnly).status(),
+            VIRTIO_BLK_S_IOERR as u8
+        );
+        assert_eq!(
+            RequestError::Overflow(u64::MAX).status(),
+            VIRTIO_BLK_S_IOERR as u8
+        );
     }
 }

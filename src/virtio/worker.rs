@@ -181,7 +181,10 @@ impl QueueWorker {
         let req = match request::parse(chain, &**mem, self.settings.max_descriptors()) {
             Ok(r) => r,
             Err(ParseError::NoStatus) => {
-                guest_warn!("queue {}: chain {head} has no status byte; dropped", self.index);
+                guest_warn!(
+                    "queue {}: chain {head} has no status byte; dropped",
+                    self.index
+                );
                 self.used.push((head, 0));
                 return;
             }
@@ -263,7 +266,13 @@ impl QueueWorker {
                 unmap,
             } => {
                 if unmap && !self.no_punch_hole {
-                    fallocate(fd, offset, len, libc::FALLOC_FL_PUNCH_HOLE | keep, ATTEMPT_PUNCH)
+                    fallocate(
+                        fd,
+                        offset,
+                        len,
+                        libc::FALLOC_FL_PUNCH_HOLE | keep,
+                        ATTEMPT_PUNCH,
+                    )
                 } else if !self.no_zero_range {
                     fallocate(
                         fd,
@@ -282,7 +291,14 @@ impl QueueWorker {
     }
 
     /// Writes zeroes from the shared zero block (file systems without ZERO_RANGE).
-    fn push_zero_writes(&mut self, slot: usize, index: usize, fd: i32, offset: u64, len: u64) -> usize {
+    fn push_zero_writes(
+        &mut self,
+        slot: usize,
+        index: usize,
+        fd: i32,
+        offset: u64,
+        len: u64,
+    ) -> usize {
         let zero = zero_block();
         let per_op = (ZERO_BLOCK_LEN * MAX_IOVECS) as u64;
         let mut done = 0;
@@ -368,7 +384,13 @@ impl QueueWorker {
     }
 
     /// Writes the status byte and queues the chain for the used ring.
-    fn finish(&mut self, mem: &GuestMem, head: u16, status: GuestAddress, result: Result<u32, RequestError>) {
+    fn finish(
+        &mut self,
+        mem: &GuestMem,
+        head: u16,
+        status: GuestAddress,
+        result: Result<u32, RequestError>,
+    ) {
         let (byte, len) = match result {
             Ok(len) => (STATUS_OK, len),
             Err(e) => {
@@ -442,7 +464,12 @@ impl QueueWorker {
         Ok(offset)
     }
 
-    fn plan_rw(&mut self, req: &Request, mem: &GuestMem, plan: &mut Plan) -> Result<(), RequestError> {
+    fn plan_rw(
+        &mut self,
+        req: &Request,
+        mem: &GuestMem,
+        plan: &mut Plan,
+    ) -> Result<(), RequestError> {
         let write = req.kind == RequestType::Out;
         let len = guest::total(&req.data);
         let offset = self.byte_range(req.sector, len)?;
@@ -565,7 +592,12 @@ impl QueueWorker {
         Ok(())
     }
 
-    fn plan_discard(&mut self, req: &Request, mem: &GuestMem, out: &mut Vec<HostOp>) -> Result<(), RequestError> {
+    fn plan_discard(
+        &mut self,
+        req: &Request,
+        mem: &GuestMem,
+        out: &mut Vec<HostOp>,
+    ) -> Result<(), RequestError> {
         if self.settings.read_only {
             return Err(BlockError::ReadOnly.into());
         }
@@ -635,4 +667,3 @@ impl Drop for QueueWorker {
         self.drain();
     }
 }
-

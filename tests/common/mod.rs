@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
+pub mod guest;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-blk");
 
 /// A small deterministic PRNG (xorshift64*).
@@ -86,7 +88,10 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("daemon exited early ({status}): {}", self.log_text());
             }
-            assert!(Instant::now() < deadline, "daemon did not create its socket");
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not create its socket"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -214,8 +219,18 @@ impl Client {
         Self::ret(Self::complete(&mut self.queues[q]).1)
     }
 
-    pub fn write_zeroes(&mut self, q: usize, offset: u64, len: u64, unmap: bool) -> Result<(), i32> {
-        let flags = if unmap { ReqFlags::empty() } else { ReqFlags::NO_UNMAP };
+    pub fn write_zeroes(
+        &mut self,
+        q: usize,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<(), i32> {
+        let flags = if unmap {
+            ReqFlags::empty()
+        } else {
+            ReqFlags::NO_UNMAP
+        };
         self.queues[q].write_zeroes(offset, len, 5, flags);
         Self::ret(Self::complete(&mut self.queues[q]).1)
     }
@@ -238,6 +253,9 @@ pub fn allocated(path: &Path) -> u64 {
 /// Reads `len` bytes at `offset` of a host file.
 pub fn file_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
-    File::open(path).unwrap().read_exact_at(&mut v, offset).unwrap();
+    File::open(path)
+        .unwrap()
+        .read_exact_at(&mut v, offset)
+        .unwrap();
     v
 }

@@ -66,11 +66,7 @@ fn any_layout_split_header_and_shared_status() {
     m.write_slice(&tail, GuestAddress(0x10_1000)).unwrap();
     let r = parse_chain(
         &m,
-        &[
-            d(0x10_0000, 8, 0),
-            d(0x10_1000, 8, 0),
-            d(0x11_0000, 513, W),
-        ],
+        &[d(0x10_0000, 8, 0), d(0x10_1000, 8, 0), d(0x11_0000, 513, W)],
     )
     .unwrap();
     assert_eq!(r.kind, RequestType::In);
@@ -171,7 +167,10 @@ fn chain_longer_than_allowed_is_malformed() {
     }
     descs.push(d(0x12_0000, 1, W));
     let chain = vq.build_desc_chain(&descs).unwrap();
-    assert!(matches!(parse(chain, &m, 4), Err(ParseError::Malformed { .. })));
+    assert!(matches!(
+        parse(chain, &m, 4),
+        Err(ParseError::Malformed { .. })
+    ));
 }
 
 #[test]
@@ -207,7 +206,10 @@ fn looping_chain_terminates() {
         RawDescriptor::from(Descriptor::new(0x11_0000, 512, next | W, 0)),
     ];
     let chain = vq.build_multiple_desc_chains(&descs).unwrap();
-    assert!(matches!(parse(chain, &m, 1024), Err(ParseError::Malformed { .. })));
+    assert!(matches!(
+        parse(chain, &m, 1024),
+        Err(ParseError::Malformed { .. })
+    ));
 }
 
 #[test]
@@ -252,5 +254,8 @@ fn discard_segments_are_decoded_and_bounded() {
         discard_segments(&m, &[seg(0x10_0000, 20)], 4),
         Err(RequestError::Malformed(_))
     ));
-    assert!(matches!(discard_segments(&m, &[], 4), Err(RequestError::Malformed(_))));
+    assert!(matches!(
+        discard_segments(&m, &[], 4),
+        Err(RequestError::Malformed(_))
+    ));
 }

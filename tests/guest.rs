@@ -1,0 +1,160 @@
+//! A real Linux guest on the daemon: QEMU (TCG) with vhost-user-blk-pci, two queues. Inside, the
+//! guest makes an ext4 file system, writes files, checks it, remounts and verifies checksums,
+//! trims; the host then checks the image file with e2fsck and compares file contents.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::guest::GuestKit;
+use common::{wait_timeout, Daemon};
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+fail() { echo "GUEST-RESULT: FAIL $*"; poweroff -f; }
+for m in $(cat /modules/order); do insmod /modules/$m || echo "insmod $m failed"; done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done
+[ -b /dev/vda ] || fail "no /dev/vda"
+echo "GUEST-QUEUES $(ls /sys/block/vda/mq | wc -l)"
+echo "GUEST-SERIAL $(cat /sys/block/vda/serial)"
+echo "GUEST-SIZE $(cat /sys/block/vda/size)"
+mkfs.ext4 -q -F /dev/vda || fail mkfs
+mount -t ext4 /dev/vda /mnt || fail mount
+dd if=/dev/urandom of=/mnt/big bs=1M count=12 2>/dev/null || fail dd
+mkdir /mnt/small
+n=0
+while [ $n -lt 50 ]; do dd if=/dev/urandom of=/mnt/small/f$n bs=1k count=$((n % 9 + 1)) 2>/dev/null; n=$((n+1)); done
+dd if=/dev/urandom of=/mnt/doomed bs=1M count=8 2>/dev/null
+sync
+rm /mnt/doomed
+(cd /mnt && sha256sum big small/*) > /tmp/sums
+echo "GUEST-SUM $(sha256sum /mnt/big)"
+umount /mnt || fail umount
+e2fsck -fn /dev/vda > /tmp/fsck.log 2>&1 || { cat /tmp/fsck.log; fail e2fsck; }
+mount -t ext4 /dev/vda /mnt || fail remount
+(cd /mnt && sha256sum -c /tmp/sums > /dev/null) || fail checksums
+fstrim -v /mnt || fail fstrim
+umount /mnt || fail umount2
+echo "GUEST-RESULT: PASS"
+poweroff -f
+"#;
+
+#[test]
+fn linux_guest_makes_checks_and_remounts_ext4() {
+    if std::env::var_os("VHOST_BLK_SKIP_GUEST").is_some() {
+        eprintln!("VHOST_BLK_SKIP_GUEST set: guest test skipped");
+        return;
+    }
+    let kit = GuestKit::find();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let initrd = dir.path().join("initrd.cpio");
+    kit.initramfs(INIT, &initrd);
+
+    let d = Daemon::start(
+        dir.path(),
+        &img,
+        &[
+            "--format",
+            "raw",
+            "--num-queues",
+            "2",
+            "--serial",
+            "guest-disk-7",
+        ],
+    );
+    let console = dir.path().join("console.log");
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "512",
+            "-smp",
+            "2",
+            "-nodefaults",
+            "-no-reboot",
+        ])
+        .args(["-display", "none", "-monitor", "none"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
+        .args(["-numa", "node,memdev=mem"])
+        .arg("-kernel")
+        .arg(&kit.kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 panic=-1 loglevel=4"])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-chardev")
+        .arg(format!("socket,id=vub,path={}", d.path()))
+        .args(["-device", "vhost-user-blk-pci,chardev=vub,num-queues=2"])
+        .spawn()
+        .expect("qemu-system-x86_64");
+    let status = wait_timeout(&mut qemu, Duration::from_secs(300));
+    if status.is_none() {
+        let _ = qemu.kill();
+        let _ = qemu.wait();
+    }
+    let out = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(
+        status.is_some(),
+        "guest timed out:\n{out}\n{}",
+        d.log_text()
+    );
+    assert!(
+        out.contains("GUEST-RESULT: PASS"),
+        "guest failed:\n{out}\n{}",
+        d.log_text()
+    );
+    assert!(!out.contains("insmod"), "a module failed to load:\n{out}");
+    assert!(out.contains("GUEST-QUEUES 2"), "{out}");
+    assert!(out.contains("GUEST-SERIAL guest-disk-7"), "{out}");
+    assert!(
+        out.contains(&format!("GUEST-SIZE {}", (128 << 20) / 512)),
+        "{out}"
+    );
+    let log = d.log_text();
+    assert!(d.stop().success(), "{log}");
+
+    // The host sees a clean file system holding the same data.
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let dumped = dir.path().join("big");
+    let dump = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("dump /big {}", dumped.display()))
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(dump.status.success());
+    let sum = Command::new("sha256sum").arg(&dumped).output().unwrap();
+    let host_sum = String::from_utf8_lossy(&sum.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    let guest_sum = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("GUEST-SUM "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("guest printed no checksum");
+    assert_eq!(host_sum, guest_sum);
+}
