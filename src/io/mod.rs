@@ -206,11 +206,14 @@ impl Transfer {
         iov.iter().map(|v| v.iov_len as u64).sum()
     }
 
-    /// Fills the buffers with zeroes (a read that hit the end of the file).
-    pub(crate) fn zero(iov: &[libc::iovec]) {
+    /// Fills the buffers with zeroes (a read that hit the end of the file, a zero extent).
+    ///
+    /// # Safety
+    /// Every iovec must describe writable memory of `iov_len` bytes that stays mapped for the
+    /// duration of the call.
+    pub(crate) unsafe fn zero(iov: &[libc::iovec]) {
         for v in iov {
-            // SAFETY: the submitter guarantees each iovec is valid writable memory of
-            // `iov_len` bytes until the op completes (see `IoOp`).
+            // SAFETY: guaranteed by the caller.
             unsafe { std::ptr::write_bytes(v.iov_base.cast::<u8>(), 0, v.iov_len) };
         }
     }

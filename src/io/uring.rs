@@ -167,7 +167,8 @@ impl UringEngine {
                     let n = res as usize;
                     if n == 0 && op.kind == OpKind::Read {
                         // End of file: the rest reads as zeroes.
-                        Transfer::zero(&op.iov);
+                        // SAFETY: a read op's iovecs are writable memory kept alive by its submitter.
+                        unsafe { Transfer::zero(&op.iov) };
                         0
                     } else if n == 0 {
                         -libc::EIO

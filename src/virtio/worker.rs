@@ -534,7 +534,9 @@ impl QueueWorker {
                     let mut iov = Vec::new();
                     cursor.take(ext.len, usize::MAX, &mut iov);
                     if !write {
-                        Transfer::zero(&iov);
+                        // SAFETY: IN buffers are writable descriptors inside guest memory that
+                        // `mem` keeps mapped.
+                        unsafe { Transfer::zero(&iov) };
                     }
                 }
             }
@@ -560,12 +562,16 @@ impl QueueWorker {
                 match ext.target {
                     Target::Zero => {
                         if !write {
-                            Transfer::zero(&pieces);
+                            // SAFETY: IN buffers are writable guest memory, mapped while the
+                            // request's memory guard lives.
+                            unsafe { Transfer::zero(&pieces) };
                         }
                     }
                     Target::Data { fd, offset } => {
                         if write {
-                            copy_iov(&pieces, buf.as_mut_slice(), true);
+                            // SAFETY: the pieces are guest buffers of this request, mapped while
+                            // its memory guard lives.
+                            unsafe { copy_iov(&pieces, buf.as_mut_slice(), true) };
                         }
                         let mut op = IoOp {
                             fd,
@@ -582,7 +588,8 @@ impl QueueWorker {
                             return Err(RequestError::Host(io::Error::from_raw_os_error(-res)));
                         }
                         if !write {
-                            copy_iov(&pieces, buf.as_mut_slice(), false);
+                            // SAFETY: as above; IN buffers are writable descriptors.
+                            unsafe { copy_iov(&pieces, buf.as_mut_slice(), false) };
                         }
                     }
                 }
@@ -637,13 +644,15 @@ impl QueueWorker {
 }
 
 /// Copies between guest iovecs and the start of `buf`: into `buf` if `to_buf`, out of it otherwise.
-fn copy_iov(iov: &[libc::iovec], buf: &mut [u8], to_buf: bool) {
+///
+/// # Safety
+/// Every iovec must describe mapped memory of `iov_len` bytes, writable when `to_buf` is false.
+unsafe fn copy_iov(iov: &[libc::iovec], buf: &mut [u8], to_buf: bool) {
     let mut at = 0;
     for v in iov {
         let n = v.iov_len.min(buf.len() - at);
         let p = v.iov_base.cast::<u8>();
-        // SAFETY: the iovec points into guest memory kept mapped by the request's memory guard
-        // and lies inside a buffer of the descriptor chain; `buf[at..at + n]` is in bounds.
+        // SAFETY: the iovec is valid (caller's contract); `buf[at..at + n]` is in bounds.
         unsafe {
             if to_buf {
                 std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr().add(at), n);
