@@ -676,3 +676,6 @@ impl Drop for QueueWorker {
         self.drain();
     }
 }
+
+#[cfg(test)]
+mod tests;
