@@ -206,24 +206,11 @@ fn sigterm_and_sigint_exit_promptly_idle_and_connected() {
     }
 }
 
-#[test]
-fn inherited_listening_socket() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
-    let data = pattern_image(&img, 1 << 20, 3);
-    let sock = dir.path().join("inherited.sock");
-    let listener = UnixListener::bind(&sock).unwrap();
-    let fd = listener.as_raw_fd();
+/// The daemon command with `fd` passed as descriptor 3 and `--fd 3`.
+fn with_fd3(fd: i32, img: &std::path::Path) -> Command {
     let mut cmd = Command::new(BIN);
-    cmd.args([
-        "--fd",
-        "3",
-        "--format",
-        "raw",
-        "--blk-file",
-        img.to_str().unwrap(),
-    ])
-    .stderr(Stdio::null());
+    cmd.args(["--fd", "3", "--format", "raw", "--blk-file"])
+        .arg(img);
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -234,7 +221,20 @@ fn inherited_listening_socket() {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().unwrap();
+    cmd
+}
+
+#[test]
+fn inherited_listening_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    let data = pattern_image(&img, 1 << 20, 3);
+    let sock = dir.path().join("inherited.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let mut child = with_fd3(listener.as_raw_fd(), &img)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     drop(listener);
     let mut c = loop {
         match Client::connect(sock.to_str().unwrap(), 1, false) {
@@ -252,29 +252,11 @@ fn inherited_listening_socket() {
         .unwrap()
         .success());
 
-    // An fd that is not a listening socket is refused.
+    // Descriptors that are not listening sockets are refused.
     let o = run(&["--fd", "0", "--blk-file", img.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
     let f = std::fs::File::open(&img).unwrap();
-    let fd = f.as_raw_fd();
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "--fd",
-        "3",
-        "--format",
-        "raw",
-        "--blk-file",
-        img.to_str().unwrap(),
-    ]);
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::dup2(fd, 3);
-            libc::fcntl(3, libc::F_SETFD, 0);
-            Ok(())
-        });
-    }
-    let o = cmd.output().unwrap();
+    let o = with_fd3(f.as_raw_fd(), &img).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a socket"));
 }

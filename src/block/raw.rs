@@ -32,6 +32,17 @@ impl RawBackend {
         self.file.file.as_raw_fd()
     }
 
+    /// Guest bytes `offset..offset+len` are the same bytes of the file.
+    fn identity(&self, offset: u64, len: u64) -> Extent {
+        Extent {
+            len,
+            target: Target::Data {
+                fd: self.fd(),
+                offset,
+            },
+        }
+    }
+
     fn check_write(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         if self.info.read_only {
             return Err(BlockError::ReadOnly);
@@ -47,25 +58,13 @@ impl BlockBackend for RawBackend {
 
     fn map_read(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), BlockError> {
         check_range(offset, len, self.info.size)?;
-        out.push(Extent {
-            len,
-            target: Target::Data {
-                fd: self.fd(),
-                offset,
-            },
-        });
+        out.push(self.identity(offset, len));
         Ok(())
     }
 
     fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), BlockError> {
         self.check_write(offset, len)?;
-        out.push(Extent {
-            len,
-            target: Target::Data {
-                fd: self.fd(),
-                offset,
-            },
-        });
+        out.push(self.identity(offset, len));
         Ok(())
     }
 
