@@ -63,9 +63,32 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = DiscardArg::Unmap)]
     pub discard: DiscardArg,
 
+    /// qcow2 L2 table cache size, shared by all queues (suffixes K, M, G). Default: 32M, or
+    /// less when the image's L2 tables all fit.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub l2_cache_size: Option<u64>,
+
     /// Print the vhost-user back-end capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+}
+
+/// Parses a byte count with an optional K, M or G suffix (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, shift) = match s.strip_suffix(['k', 'K']) {
+        Some(n) => (n, 10),
+        None => match s.strip_suffix(['m', 'M']) {
+            Some(n) => (n, 20),
+            None => match s.strip_suffix(['g', 'G']) {
+                Some(n) => (n, 30),
+                None => (s, 0),
+            },
+        },
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .ok_or_else(|| format!("invalid size {s:?}"))
 }
 
 /// `--format`.

@@ -99,6 +99,7 @@ impl TryFrom<Args> for Config {
                     CacheArg::None => CacheMode::None,
                     CacheArg::Writeback => CacheMode::Writeback,
                 },
+                l2_cache_size: a.l2_cache_size,
             },
             device: DeviceSettings {
                 num_queues: a.num_queues,
@@ -187,6 +188,8 @@ mod tests {
             "4096",
             "--discard",
             "ignore",
+            "--l2-cache-size",
+            "4M",
         ])
         .unwrap();
         assert_eq!(c.listen, Listen::Fd(3));
@@ -199,6 +202,7 @@ mod tests {
         assert_eq!(&c.device.serial[..7], b"disk-1\0");
         assert_eq!(c.device.logical_block_size, 4096);
         assert_eq!(c.device.discard, DiscardMode::Ignore);
+        assert_eq!(c.image.l2_cache_size, Some(4 << 20));
     }
 
     #[test]

@@ -81,33 +81,111 @@ impl ImageFile {
 
     /// Reads up to [`HEAD_LEN`] bytes from the start (fewer if the file is shorter).
     pub fn read_head(&self) -> std::io::Result<Vec<u8>> {
-        let mut buf = AlignedBuf::new(HEAD_LEN, HEAD_LEN);
-        let mut done = 0;
-        while done < HEAD_LEN {
-            // SAFETY: the destination lies inside `buf`, which outlives the call; the buffer and
-            // offsets stay aligned for O_DIRECT because reads return whole blocks until EOF.
-            let n = unsafe {
-                libc::pread(
-                    self.file.as_raw_fd(),
-                    buf.as_mut_ptr().add(done).cast(),
-                    HEAD_LEN - done,
-                    done as libc::off_t,
-                )
-            };
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(e);
-            }
-            if n == 0 {
-                break;
-            }
-            done += n as usize;
-        }
-        Ok(buf.as_slice()[..done].to_vec())
+        let len = HEAD_LEN.min(usize::try_from(self.size).unwrap_or(HEAD_LEN));
+        let mut buf = vec![0u8; len];
+        self.read_into(0, &mut buf)?;
+        Ok(buf)
     }
+
+    /// Fills `buf` from `offset`, whatever the O_DIRECT alignment; bytes past the end of the file
+    /// read as zeroes. Metadata reads only: data goes through the I/O engines.
+    pub fn read_into(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if !self.direct {
+            return pread_full(self.file.as_raw_fd(), buf, offset);
+        }
+        let align = self.offset_align.max(self.mem_align as u64);
+        let start = offset - offset % align;
+        let end = (offset + buf.len() as u64).next_multiple_of(align);
+        let mut tmp = AlignedBuf::new((end - start) as usize, self.mem_align.max(512));
+        pread_full(self.file.as_raw_fd(), tmp.as_mut_slice(), start)?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&tmp.as_slice()[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset` into a new buffer (see [`ImageFile::read_into`]).
+    pub fn read_at(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let mut v = vec![0u8; len];
+        self.read_into(offset, &mut v)?;
+        Ok(v)
+    }
+
+    /// Overwrites `data` at `offset` (read-modify-write of the aligned block under O_DIRECT) and
+    /// makes it durable. For small metadata updates such as header fields.
+    pub fn write_durable(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let fd = self.file.as_raw_fd();
+        if self.direct {
+            let align = self.offset_align.max(self.mem_align as u64);
+            let start = offset - offset % align;
+            let end = (offset + data.len() as u64).next_multiple_of(align);
+            let mut tmp = AlignedBuf::new((end - start) as usize, self.mem_align.max(512));
+            pread_full(fd, tmp.as_mut_slice(), start)?;
+            let skip = (offset - start) as usize;
+            tmp.as_mut_slice()[skip..skip + data.len()].copy_from_slice(data);
+            pwrite_full(fd, tmp.as_slice(), start)?;
+        } else {
+            pwrite_full(fd, data, offset)?;
+        }
+        self.file.sync_data()
+    }
+}
+
+fn pread_full(fd: libc::c_int, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
+        let n = unsafe {
+            libc::pread(
+                fd,
+                rest.as_mut_ptr().cast(),
+                rest.len(),
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            // End of file: the rest reads as zeroes.
+            rest.fill(0);
+            return Ok(());
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+fn pwrite_full(fd: libc::c_int, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &buf[done..];
+        // SAFETY: `rest` is a valid readable buffer of `rest.len()` bytes.
+        let n = unsafe {
+            libc::pwrite(
+                fd,
+                rest.as_ptr().cast(),
+                rest.len(),
+                (offset + done as u64) as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        done += n as usize;
+    }
+    Ok(())
 }
 
 /// O_DIRECT alignment from `statx(STATX_DIOALIGN)`, or a conservative 4096 where the kernel or

@@ -18,7 +18,7 @@ use super::guest::{self, IovCursor};
 use super::request::{self, ParseError, Request, RequestType};
 use super::status::{RequestError, STATUS_OK};
 use super::{DeviceSettings, DiscardMode, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
-use crate::block::{self, probe, BlockBackend, BlockError, Extent, HostOp, Target};
+use crate::block::{self, probe, BlockBackend, BlockError, Extent, HostOp, Scratch, Target};
 use crate::guest_warn;
 use crate::io::{sys, Completion, Engine, IoOp, OpKind, Transfer, MAX_IOVECS};
 use crate::util::aligned::{zero_block, AlignedBuf, ZERO_BLOCK_LEN};
@@ -90,6 +90,7 @@ pub struct QueueWorker {
     no_punch_hole: bool,
     no_zero_range: bool,
     bounce: Option<AlignedBuf>,
+    scratch: Scratch,
 }
 
 impl QueueWorker {
@@ -117,6 +118,7 @@ impl QueueWorker {
             no_punch_hole: false,
             no_zero_range: false,
             bounce: None,
+            scratch: Scratch::default(),
         }
     }
 
@@ -501,76 +503,29 @@ impl QueueWorker {
             self.backend.map_read(offset, len, &mut self.extents)?;
         }
         let align = self.backend.info().mem_align;
-        if align > 1
+        let bounce = align > 1
             && self
                 .iov
                 .iter()
-                .any(|v| v.iov_base as usize % align != 0 || v.iov_len % align != 0)
-        {
-            return self.bounce(write);
-        }
-        let mut cursor = IovCursor::new(&self.iov);
-        for ext in &self.extents {
-            match ext.target {
-                Target::Data { fd, offset } => {
-                    let mut done = 0;
-                    while done < ext.len {
-                        let mut iov = Vec::new();
-                        let n = cursor.take(ext.len - done, MAX_IOVECS, &mut iov);
-                        if n == 0 {
-                            break;
-                        }
-                        plan.ops.push(IoOp {
-                            fd,
-                            offset: offset + done,
-                            kind: if write { OpKind::Write } else { OpKind::Read },
-                            iov,
-                            tag: 0,
-                        });
-                        done += n;
-                    }
-                }
-                Target::Zero => {
-                    let mut iov = Vec::new();
-                    cursor.take(ext.len, usize::MAX, &mut iov);
-                    if !write {
-                        // SAFETY: IN buffers are writable descriptors inside guest memory that
-                        // `mem` keeps mapped.
-                        unsafe { Transfer::zero(&iov) };
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Runs a transfer whose guest buffers are misaligned for O_DIRECT through an aligned buffer,
-    /// synchronously and in bounded chunks.
-    fn bounce(&mut self, write: bool) -> Result<(), RequestError> {
-        let align = self.backend.info().mem_align.max(4096);
-        let buf = self
-            .bounce
-            .get_or_insert_with(|| AlignedBuf::new(BOUNCE_LEN, align));
+                .any(|v| v.iov_base as usize % align != 0 || v.iov_len % align != 0);
         let mut cursor = IovCursor::new(&self.iov);
         let mut pieces = Vec::new();
         for ext in &self.extents {
-            let mut done = 0;
-            while done < ext.len {
-                let n = (ext.len - done).min(BOUNCE_LEN as u64);
-                pieces.clear();
-                cursor.take(n, usize::MAX, &mut pieces);
-                match ext.target {
-                    Target::Zero => {
-                        if !write {
-                            // SAFETY: IN buffers are writable guest memory, mapped while the
-                            // request's memory guard lives.
-                            unsafe { Transfer::zero(&pieces) };
-                        }
-                    }
-                    Target::Data { fd, offset } => {
+            match ext.target {
+                Target::Data { fd, offset } if bounce => {
+                    // Guest buffers misaligned for O_DIRECT: through an aligned buffer,
+                    // synchronously, in bounded chunks.
+                    let buf = self
+                        .bounce
+                        .get_or_insert_with(|| AlignedBuf::new(BOUNCE_LEN, align.max(4096)));
+                    let mut done = 0;
+                    while done < ext.len {
+                        let n = (ext.len - done).min(BOUNCE_LEN as u64);
+                        pieces.clear();
+                        cursor.take(n, usize::MAX, &mut pieces);
                         if write {
                             // SAFETY: the pieces are guest buffers of this request, mapped while
-                            // its memory guard lives.
+                            // `mem` lives.
                             unsafe { copy_iov(&pieces, buf.as_mut_slice(), true) };
                         }
                         let mut op = IoOp {
@@ -591,9 +546,57 @@ impl QueueWorker {
                             // SAFETY: as above; IN buffers are writable descriptors.
                             unsafe { copy_iov(&pieces, buf.as_mut_slice(), false) };
                         }
+                        done += n;
                     }
                 }
-                done += n;
+                Target::Data { fd, offset } => {
+                    let mut done = 0;
+                    while done < ext.len {
+                        let mut iov = Vec::new();
+                        let n = cursor.take(ext.len - done, MAX_IOVECS, &mut iov);
+                        if n == 0 {
+                            break;
+                        }
+                        plan.ops.push(IoOp {
+                            fd,
+                            offset: offset + done,
+                            kind: if write { OpKind::Write } else { OpKind::Read },
+                            iov,
+                            tag: 0,
+                        });
+                        done += n;
+                    }
+                }
+                Target::Zero => {
+                    pieces.clear();
+                    cursor.take(ext.len, usize::MAX, &mut pieces);
+                    if !write {
+                        // SAFETY: IN buffers are writable descriptors inside guest memory that
+                        // `mem` keeps mapped.
+                        unsafe { Transfer::zero(&pieces) };
+                    }
+                }
+                Target::Compressed {
+                    image,
+                    descriptor,
+                    skip,
+                } => {
+                    self.backend
+                        .read_compressed(image, descriptor, &mut self.scratch)?;
+                    let cluster = &mut self.scratch.output;
+                    let end = skip
+                        .checked_add(ext.len)
+                        .filter(|&e| e <= cluster.len() as u64)
+                        .ok_or(BlockError::Corrupt("compressed extent outside its cluster"))?;
+                    pieces.clear();
+                    cursor.take(ext.len, usize::MAX, &mut pieces);
+                    if !write {
+                        // SAFETY: IN buffers are writable guest memory mapped while `mem` lives.
+                        unsafe {
+                            copy_iov(&pieces, &mut cluster[skip as usize..end as usize], false)
+                        };
+                    }
+                }
             }
         }
         Ok(())

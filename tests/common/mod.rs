@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
 pub mod guest;
+pub mod qemu;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_vhost-device-blk");
 
