@@ -355,6 +355,11 @@ fn writable_open_serves_reads_and_in_place_writes() {
     let dir = tempfile::tempdir().unwrap();
     let img = with_workload(dir.path(), "", 65536, 32 * MIB);
     sh(dir.path(), "qemu-img bitmap --add img.qcow2 b0");
+    // An autoclear bit nobody knows: a writer that does not maintain it must clear it.
+    let mut head = std::fs::read(&img).unwrap()[..65536].to_vec();
+    head[95] |= 1 << 5;
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &head, 0).unwrap();
     let mut expect = qemu_raw(&img);
     check_through_daemon(dir.path(), &img, &[]);
     let d = Daemon::start(dir.path(), &img, &["--format", "qcow2"]);
@@ -372,6 +377,13 @@ fn writable_open_serves_reads_and_in_place_writes() {
     // drops them, leaving their clusters leaked but no corruption.
     let code = qemu_check(&img);
     assert!(code == 0 || code == 3, "qemu-img check: {code}");
-    let head = std::fs::read(&img).unwrap();
-    assert_eq!(u64::from_be_bytes(head[88..96].try_into().unwrap()) & 1, 0);
+    // Only the autoclear field changed in the header cluster: extensions (known or not) and
+    // everything else are kept as they were.
+    let after = std::fs::read(&img).unwrap()[..65536].to_vec();
+    assert_eq!(
+        u64::from_be_bytes(after[88..96].try_into().unwrap()) & (1 | 1 << 5),
+        0
+    );
+    assert_eq!(after[..88], head[..88]);
+    assert_eq!(after[96..], head[96..]);
 }
