@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 /// Serve a disk image to virtual machines over vhost-user-blk.
 ///
@@ -12,6 +12,10 @@ use clap::{Parser, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "vhost-device-blk", version, about, long_about)]
 pub struct Args {
+    /// An image tool instead of the daemon.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Listen on a new Unix socket at PATH (a stale socket there is replaced).
     #[arg(long, value_name = "PATH", conflicts_with = "fd")]
     pub socket_path: Option<PathBuf>,
@@ -71,6 +75,72 @@ pub struct Args {
     /// Print the vhost-user back-end capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+}
+
+/// Image tools (qemu-img's semantics and exit codes).
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show what an image is: format, sizes, qcow2 features, backing file.
+    Info {
+        /// The image.
+        image: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputArg::Human)]
+        output: OutputArg,
+    },
+    /// Check a qcow2 image's metadata. Exit status: 0 consistent, 1 check failed, 2 corrupted,
+    /// 3 leaked clusters only, 63 not a qcow2 image.
+    Check {
+        /// The image.
+        image: PathBuf,
+        /// Repair leaks only, or everything that can be repaired.
+        #[arg(long, value_enum)]
+        repair: Option<RepairArg>,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = OutputArg::Human)]
+        output: OutputArg,
+    },
+    /// Create an empty qcow2 (v3) image.
+    Create {
+        /// The new image (must not exist).
+        image: PathBuf,
+        /// Virtual size (suffixes K, M, G).
+        #[arg(value_parser = parse_size)]
+        size: u64,
+        /// Cluster size, a power of two from 512 to 2M.
+        #[arg(long, value_parser = parse_size, default_value = "64K")]
+        cluster_size: u64,
+        /// Extended L2 entries (32 subclusters per cluster; clusters of at least 16K).
+        #[arg(long)]
+        extended_l2: bool,
+        /// Set the lazy refcounts feature bit.
+        #[arg(long)]
+        lazy_refcounts: bool,
+        /// Backing file, stored as given (relative names are relative to the image).
+        #[arg(long, value_name = "FILE", requires = "backing_format")]
+        backing: Option<String>,
+        /// Format of the backing file (recorded in the image; never probed).
+        #[arg(long, value_name = "raw|qcow2")]
+        backing_format: Option<String>,
+    },
+}
+
+/// `--output`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputArg {
+    /// Text.
+    Human,
+    /// JSON with qemu-img's field names.
+    Json,
+}
+
+/// `check --repair`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RepairArg {
+    /// Only lower refcounts that are too high.
+    Leaks,
+    /// Everything that can be repaired.
+    All,
 }
 
 /// Parses a byte count with an optional K, M or G suffix (powers of 1024).

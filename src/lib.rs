@@ -30,6 +30,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod io;
+pub mod tools;
 pub mod util;
 pub mod vhost_user;
 pub mod virtio;

@@ -7,7 +7,9 @@ use clap::error::ErrorKind;
 use clap::Parser;
 use log::error;
 
-use vhost_device_blk::cli::{Args, CAPABILITIES};
+use vhost_device_blk::block::qcow2::check::Repair;
+use vhost_device_blk::cli::{Args, Command, OutputArg, RepairArg, CAPABILITIES};
+use vhost_device_blk::tools::{self, CreateOptions, Output};
 use vhost_device_blk::{daemon, Config};
 
 fn main() -> ExitCode {
@@ -29,6 +31,9 @@ fn main() -> ExitCode {
         println!("{CAPABILITIES}");
         return ExitCode::SUCCESS;
     }
+    if let Some(cmd) = args.command {
+        return run_tool(cmd);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let config = match Config::try_from(args) {
         Ok(c) => c,
@@ -42,6 +47,58 @@ fn main() -> ExitCode {
         Err(e) => {
             error!("{e}");
             ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn run_tool(cmd: Command) -> ExitCode {
+    let output = |o: OutputArg| match o {
+        OutputArg::Human => Output::Human,
+        OutputArg::Json => Output::Json,
+    };
+    let result = match cmd {
+        Command::Info { image, output: o } => tools::info(&image, output(o)).map(|s| (s, 0)),
+        Command::Check {
+            image,
+            repair,
+            output: o,
+        } => {
+            let repair = match repair {
+                None => Repair::None,
+                Some(RepairArg::Leaks) => Repair::Leaks,
+                Some(RepairArg::All) => Repair::All,
+            };
+            tools::check(&image, repair, output(o))
+        }
+        Command::Create {
+            image,
+            size,
+            cluster_size,
+            extended_l2,
+            lazy_refcounts,
+            backing,
+            backing_format,
+        } => tools::create(
+            &image,
+            &CreateOptions {
+                size,
+                cluster_size,
+                extended_l2,
+                lazy_refcounts,
+                backing,
+                backing_format,
+            },
+        )
+        .map(|()| (String::new(), 0)),
+    };
+    match result {
+        Ok((text, code)) => {
+            print!("{text}");
+            ExitCode::from(code)
+        }
+        Err(e) => {
+            eprintln!("vhost-device-blk: {e}");
+            ExitCode::from(1)
         }
     }
 }

@@ -110,9 +110,16 @@ impl ImageFile {
         Ok(v)
     }
 
-    /// Overwrites `data` at `offset` (read-modify-write of the aligned block under O_DIRECT) and
-    /// makes it durable. For small metadata updates such as header fields.
+    /// Overwrites `data` at `offset` and makes it durable. For small metadata updates such as
+    /// header fields.
     pub fn write_durable(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.write_at(offset, data)?;
+        self.file.sync_data()
+    }
+
+    /// Overwrites `data` at `offset` (read-modify-write of the aligned blocks under O_DIRECT).
+    /// Metadata writes only; callers serialize writes that share an aligned block.
+    pub fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         let fd = self.file.as_raw_fd();
         if self.direct {
             let align = self.offset_align.max(self.mem_align as u64);
@@ -122,11 +129,10 @@ impl ImageFile {
             pread_full(fd, tmp.as_mut_slice(), start)?;
             let skip = (offset - start) as usize;
             tmp.as_mut_slice()[skip..skip + data.len()].copy_from_slice(data);
-            pwrite_full(fd, tmp.as_slice(), start)?;
+            pwrite_full(fd, tmp.as_slice(), start)
         } else {
-            pwrite_full(fd, data, offset)?;
+            pwrite_full(fd, data, offset)
         }
-        self.file.sync_data()
     }
 }
 

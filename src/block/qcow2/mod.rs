@@ -7,9 +7,11 @@
 //! and write-zeroes come with the write side.
 
 pub mod cache;
+pub mod check;
 pub mod compress;
 pub mod header;
 pub mod l2;
+pub mod refcount;
 pub mod snapshot;
 
 use std::collections::HashSet;

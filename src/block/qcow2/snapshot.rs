@@ -36,8 +36,8 @@ fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(a)
 }
 
-/// Reads and validates the snapshot table.
-pub fn read_table(file: &ImageFile, h: &Header) -> Result<Vec<Snapshot>, HeaderError> {
+/// Reads and validates the snapshot table; returns the snapshots and the table's length in bytes.
+pub fn read_table(file: &ImageFile, h: &Header) -> Result<(Vec<Snapshot>, u64), HeaderError> {
     let bad = HeaderError::Snapshots;
     let cs = h.cluster_size();
     let mut out = Vec::with_capacity((h.nb_snapshots as usize).min(1024));
@@ -98,5 +98,5 @@ pub fn read_table(file: &ImageFile, h: &Header) -> Result<Vec<Snapshot>, HeaderE
         });
         at += entry_len;
     }
-    Ok(out)
+    Ok((out, at - h.snapshots_offset))
 }
