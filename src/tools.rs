@@ -366,7 +366,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<(), ToolError> {
         (4 + l1_clusters) * cs,
     )
     .map_err(|e| bad(e.to_string()))?;
-    let mut r = Refcounts::empty(&proto, 0, 1);
+    let mut r = Refcounts::empty(&proto, 1);
     r.set(0, 1).map_err(|e| bad(e.to_string()))?;
     let l1 = r.alloc(l1_clusters).map_err(|e| bad(e.to_string()))?;
     put64(&mut head, 40, l1 * cs);

@@ -300,10 +300,9 @@ impl Walker<'_> {
 pub fn check(file: &ImageFile, h: &Header, repair: Repair) -> CheckResult {
     let cs = h.cluster_size();
     let loaded = Refcounts::load(file, h);
-    let file_clusters = match &loaded {
-        Ok(r) => r.end,
-        Err(_) => file.size.div_ceil(cs),
-    };
+    // Like qemu-img, only clusters inside the file are compared (refcounts past its end are
+    // invisible leaks; references past it are corruptions).
+    let file_clusters = file.size.div_ceil(cs);
     let mut w = Walker {
         file,
         h,
@@ -358,20 +357,21 @@ pub fn check(file: &ImageFile, h: &Header, repair: Repair) -> CheckResult {
     let mut refcounts = match loaded {
         Ok(r) => r,
         Err(e) => {
+            // qemu-img counts this as a corruption that also stops the check.
             res.corruptions += 1;
             res.messages.push(format!("ERROR {e}"));
             if repair != Repair::All {
+                res.check_errors += 1;
                 return res;
             }
             // Rebuild from nothing, entirely past the current end of the file.
-            let entries = refs.len().div_ceil(((cs * 8) >> h.refcount_order) as usize) + 1;
-            Refcounts::empty(h, entries, file_clusters)
+            Refcounts::empty(h, file_clusters)
         }
     };
     let rebuilt = refcounts.table_offset == 0;
 
     // Compare.
-    let end = refcounts.end.max(refs.len() as u64);
+    let end = refs.len() as u64;
     let mut fixes: Vec<(u64, u64)> = Vec::new();
     let (mut leak_fixes, mut corruption_fixes) = (0, 0);
     for c in 0..end {
@@ -400,21 +400,22 @@ pub fn check(file: &ImageFile, h: &Header, repair: Repair) -> CheckResult {
             }
         }
     }
-    // COPIED flags of the active state must say "refcount is exactly one".
+    // COPIED flags of the active state must say "refcount is exactly one": reported against the
+    // refcounts as found (as qemu-img does), repaired against the refcounts after repair.
     let mut flag_fixes = Vec::new();
     for a in &active {
-        let refcount = u64::from(refs.get(a.cluster as usize).copied().unwrap_or(0));
         let copied = a.entry & OFLAG_COPIED != 0;
-        if copied != (refcount == 1) {
+        let found = if rebuilt { 1 } else { refcounts.get(a.cluster) };
+        if copied != (found == 1) {
             res.corruptions += 1;
             res.messages.push(format!(
-                "ERROR OFLAG_COPIED at {:#x}: entry={:#x} refcount={refcount}",
+                "ERROR OFLAG_COPIED at {:#x}: entry={:#x} refcount={found}",
                 a.at, a.entry
             ));
-            if repair == Repair::All {
-                flag_fixes.push((a.at, a.entry ^ OFLAG_COPIED));
-                corruption_fixes += 1;
-            }
+        }
+        let repaired = u64::from(refs.get(a.cluster as usize).copied().unwrap_or(0));
+        if copied != (repaired == 1) && repair == Repair::All {
+            flag_fixes.push((a.at, a.entry ^ OFLAG_COPIED));
         }
     }
     let last_used = (0..refs.len())
@@ -449,7 +450,7 @@ pub fn check(file: &ImageFile, h: &Header, repair: Repair) -> CheckResult {
     match apply() {
         Ok(()) => {
             res.leaks_fixed = leak_fixes;
-            // Cleared entries and a rebuilt table count as fixed corruptions too.
+            // With `all`, flags, cleared entries and a rebuilt table are fixed too.
             res.corruptions_fixed = if repair == Repair::All {
                 res.corruptions
             } else {

@@ -121,16 +121,16 @@ impl Refcounts {
         Ok(r)
     }
 
-    /// An empty structure for a rebuild: no blocks, a table of `table_entries` entries at
-    /// `table_offset` (not yet accounted for), allocating from cluster `end`.
-    pub fn empty(h: &Header, table_entries: usize, end: u64) -> Refcounts {
+    /// An empty structure for a rebuild or a new image: no table and no blocks yet (the first
+    /// refcount set places them), allocating from cluster `end`.
+    pub fn empty(h: &Header, end: u64) -> Refcounts {
         Refcounts {
             cluster_bits: h.cluster_bits,
             order: h.refcount_order,
-            table: vec![0; table_entries],
+            table: Vec::new(),
             table_offset: 0,
             table_clusters: 0,
-            blocks: vec![None; table_entries],
+            blocks: Vec::new(),
             dirty_blocks: BTreeSet::new(),
             table_dirty: true,
             end,
@@ -469,7 +469,7 @@ mod tests {
             bitmaps: None,
             unknown_extensions: Vec::new(),
         };
-        let mut r = Refcounts::empty(&h, 0, 1);
+        let mut r = Refcounts::empty(&h, 1);
         r.append_only = false;
         r
     }
