@@ -27,7 +27,7 @@ fn tool(dir: &Path, args: &[&str]) -> (i32, String) {
 fn field(json: &str, name: &str) -> Option<u64> {
     let at = json.find(&format!("\"{name}\": "))? + name.len() + 4;
     json[at..]
-        .split(|c: char| c == ',' || c == '\n' || c == '}')
+        .split([',', '\n', '}'])
         .next()?
         .trim()
         .parse()
