@@ -72,6 +72,12 @@ pub struct Args {
     #[arg(long, value_name = "BYTES", value_parser = parse_size)]
     pub l2_cache_size: Option<u64>,
 
+    /// qcow2 lazy refcounts: refcount updates stay in memory (the image is marked dirty and
+    /// repaired on the next open after a crash) and are written at a clean stop. `auto`: on for
+    /// version 3 images. `off`: refcounts are written, in order, at every flush.
+    #[arg(long, value_enum, default_value_t = LazyArg::Auto)]
+    pub lazy_refcounts: LazyArg,
+
     /// Print the vhost-user back-end capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -188,6 +194,17 @@ pub enum AioArg {
     IoUring,
     /// Thread pool.
     Threads,
+}
+
+/// `--lazy-refcounts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LazyArg {
+    /// On for version 3 images.
+    Auto,
+    /// On (version 3 images only).
+    On,
+    /// Off.
+    Off,
 }
 
 /// `--discard`.

@@ -3,8 +3,8 @@
 use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 
-use crate::block::{CacheMode, ImageFormat, OpenOptions};
-use crate::cli::{AioArg, Args, CacheArg, DiscardArg, FormatArg};
+use crate::block::{CacheMode, ImageFormat, LazyRefcounts, OpenOptions};
+use crate::cli::{AioArg, Args, CacheArg, DiscardArg, FormatArg, LazyArg};
 use crate::io::AioMode;
 use crate::virtio::{serial_bytes, DeviceSettings, DiscardMode};
 
@@ -100,6 +100,11 @@ impl TryFrom<Args> for Config {
                     CacheArg::Writeback => CacheMode::Writeback,
                 },
                 l2_cache_size: a.l2_cache_size,
+                lazy_refcounts: match a.lazy_refcounts {
+                    LazyArg::Auto => LazyRefcounts::Auto,
+                    LazyArg::On => LazyRefcounts::On,
+                    LazyArg::Off => LazyRefcounts::Off,
+                },
             },
             device: DeviceSettings {
                 num_queues: a.num_queues,

@@ -81,15 +81,22 @@ fn base(dir: &Path, opts: &str) -> PathBuf {
 fn refused(dir: &Path, img: &Path, extra: &[&str], what: &str) {
     let sock = dir.join("refused.sock");
     let t = Instant::now();
-    let out = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .arg("--socket-path")
         .arg(&sock)
         .arg("--blk-file")
         .arg(img)
         .args(["--format", "qcow2"])
         .args(extra)
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    if common::wait_timeout(&mut child, Duration::from_secs(10)).is_none() {
+        let _ = child.kill();
+        panic!("expected a refusal ({what}), but the daemon is serving");
+    }
+    let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
@@ -303,12 +310,14 @@ fn luks_encrypted_images_are_refused() {
 }
 
 #[test]
-fn dirty_and_corrupt_images_are_read_only() {
+fn corrupt_images_are_read_only_and_dirty_ones_repaired() {
     for (bit, what) in [(1u64, "dirty"), (2, "corrupt")] {
         let dir = tempfile::tempdir().unwrap();
         let img = base(dir.path(), "");
         put64(&img, 72, bit);
-        refused(dir.path(), &img, &[], what);
+        if what == "corrupt" {
+            refused(dir.path(), &img, &[], what);
+        }
         let d = Daemon::start(dir.path(), &img, &["--format", "qcow2", "--read-only"]);
         let mut c = Client::connect(d.path(), 1, true).unwrap();
         assert_eq!(c.read(0, 0, 4096).unwrap(), vec![0x5a; 4096]);
@@ -316,6 +325,19 @@ fn dirty_and_corrupt_images_are_read_only() {
         assert!(d.stop().success());
         assert_eq!(be64(&img, 72), bit, "a read-only open changed the header");
     }
+    // A writable open of a dirty image repairs it first (as `qemu-img check -r all`).
+    let dir = tempfile::tempdir().unwrap();
+    let img = base(dir.path(), "");
+    put64(&img, 72, 1);
+    let d = Daemon::start(dir.path(), &img, &["--format", "qcow2"]);
+    let mut c = Client::connect(d.path(), 1, false).unwrap();
+    assert_eq!(c.read(0, 8 * MIB, 4096).unwrap(), vec![0x6b; 4096]);
+    drop(c);
+    let log = d.log_text();
+    assert!(d.stop().success());
+    assert!(log.contains("not closed cleanly"), "{log}");
+    assert_eq!(be64(&img, 72), 0);
+    assert_eq!(common::qemu::qemu_check(&img), 0);
 }
 
 /// Serves `img` read-only and checks that `bad` reads fail while `good` reads still work.

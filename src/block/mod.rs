@@ -54,6 +54,19 @@ pub struct OpenOptions {
     pub cache: CacheMode,
     /// qcow2 L2 table cache size in bytes (`None`: the default).
     pub l2_cache_size: Option<u64>,
+    /// qcow2 lazy refcounts.
+    pub lazy_refcounts: LazyRefcounts,
+}
+
+/// `--lazy-refcounts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LazyRefcounts {
+    /// On for version 3 images.
+    Auto,
+    /// On (version 3 only).
+    On,
+    /// Refcounts written in order at every flush.
+    Off,
 }
 
 /// What a backend tells the device about the disk.
@@ -189,9 +202,50 @@ pub enum BlockError {
     /// The image format cannot do this (yet).
     #[error("{0}")]
     Unsupported(&'static str),
+    /// Another request is changing the same metadata: retry after the waker fires.
+    #[error("busy: retry later")]
+    Busy,
     /// A host I/O error.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Wakes a queue worker (so it retries requests that found the metadata busy).
+pub trait Wake: Send + Sync {
+    /// Wakes the worker.
+    fn wake(&self);
+}
+
+/// A shareable [`Wake`].
+pub type Waker = Arc<dyn Wake>;
+
+/// Data a write needs besides the guest's: copy-on-write pieces or zeroes.
+pub enum ExtraData {
+    /// These bytes (aligned for O_DIRECT).
+    Bytes(crate::util::aligned::AlignedBuf),
+    /// This many zero bytes.
+    Zero(u64),
+}
+
+/// A piece of [`ExtraData`] and where it goes.
+pub struct ExtraWrite {
+    /// File descriptor.
+    pub fd: RawFd,
+    /// Byte offset in that file.
+    pub offset: u64,
+    /// What to write.
+    pub data: ExtraData,
+}
+
+/// How to carry out a guest write.
+#[derive(Default)]
+pub struct WritePlan {
+    /// Where the guest's bytes go, in order (`Data` targets only).
+    pub extents: Vec<Extent>,
+    /// Other writes that must complete with the guest's.
+    pub extra: Vec<ExtraWrite>,
+    /// When set, pass it to [`BlockBackend::commit_write`] once every write has completed.
+    pub ticket: Option<u64>,
 }
 
 /// A disk image format. Implementations are shared by all queue threads.
@@ -202,22 +256,40 @@ pub trait BlockBackend: Send + Sync {
     /// Appends the extents that make up `offset..offset+len` for reading.
     fn map_read(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), BlockError>;
 
-    /// Appends the extents where the data for `offset..offset+len` must be written.
-    fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), BlockError>;
+    /// Plans a guest write of `offset..offset+len`: where the data goes, what else must be
+    /// written, and whether metadata must be committed afterwards. [`BlockError::Busy`] means
+    /// another request is allocating the same clusters: `waker` fires when it is done.
+    fn begin_write(&self, offset: u64, len: u64, waker: &Waker) -> Result<WritePlan, BlockError>;
+
+    /// Makes a planned write visible (`ok`) or undoes its reservations (a write failed).
+    fn commit_write(&self, ticket: u64, ok: bool) -> Result<(), BlockError> {
+        let _ = (ticket, ok);
+        Ok(())
+    }
 
     /// Does any metadata work a flush needs, then appends the syncs that make all completed
     /// writes durable.
     fn flush(&self, out: &mut Vec<HostOp>) -> Result<(), BlockError>;
 
-    /// Appends the operations that discard `offset..offset+len`.
-    fn discard(&self, offset: u64, len: u64, out: &mut Vec<HostOp>) -> Result<(), BlockError>;
+    /// Discards `offset..offset+len` (metadata work done here), appending host operations.
+    /// `unmap_host` allows giving space back to the host file system.
+    fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap_host: bool,
+        waker: &Waker,
+        out: &mut Vec<HostOp>,
+    ) -> Result<(), BlockError>;
 
-    /// Appends the operations that make `offset..offset+len` read as zeroes.
+    /// Makes `offset..offset+len` read as zeroes (metadata work done here), appending host
+    /// operations; `unmap` allows deallocation.
     fn write_zeroes(
         &self,
         offset: u64,
         len: u64,
         unmap: bool,
+        waker: &Waker,
         out: &mut Vec<HostOp>,
     ) -> Result<(), BlockError>;
 
@@ -334,7 +406,7 @@ pub fn open(opts: &OpenOptions) -> Result<Arc<dyn BlockBackend>, OpenError> {
         }
     };
     if format == ImageFormat::Qcow2 {
-        let q = qcow2::Qcow2Backend::open(file, opts.read_only, opts.cache, opts.l2_cache_size)?;
+        let q = qcow2::Qcow2Backend::open(file, opts)?;
         return Ok(Arc::new(q));
     }
     info!(

@@ -4,7 +4,8 @@ use std::os::unix::io::{AsRawFd, RawFd};
 
 use super::file::ImageFile;
 use super::{
-    check_range, BackendInfo, BlockBackend, BlockError, Extent, HostOp, ImageFormat, Target,
+    check_range, BackendInfo, BlockBackend, BlockError, Extent, HostOp, ImageFormat, Target, Waker,
+    WritePlan,
 };
 
 /// A raw image.
@@ -62,10 +63,12 @@ impl BlockBackend for RawBackend {
         Ok(())
     }
 
-    fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), BlockError> {
+    fn begin_write(&self, offset: u64, len: u64, _waker: &Waker) -> Result<WritePlan, BlockError> {
         self.check_write(offset, len)?;
-        out.push(self.identity(offset, len));
-        Ok(())
+        Ok(WritePlan {
+            extents: vec![self.identity(offset, len)],
+            ..Default::default()
+        })
     }
 
     fn flush(&self, out: &mut Vec<HostOp>) -> Result<(), BlockError> {
@@ -75,8 +78,18 @@ impl BlockBackend for RawBackend {
         Ok(())
     }
 
-    fn discard(&self, offset: u64, len: u64, out: &mut Vec<HostOp>) -> Result<(), BlockError> {
+    fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap_host: bool,
+        _waker: &Waker,
+        out: &mut Vec<HostOp>,
+    ) -> Result<(), BlockError> {
         self.check_write(offset, len)?;
+        if !unmap_host {
+            return Ok(());
+        }
         out.push(HostOp::Discard {
             fd: self.fd(),
             offset,
@@ -90,6 +103,7 @@ impl BlockBackend for RawBackend {
         offset: u64,
         len: u64,
         unmap: bool,
+        _waker: &Waker,
         out: &mut Vec<HostOp>,
     ) -> Result<(), BlockError> {
         self.check_write(offset, len)?;

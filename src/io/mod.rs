@@ -171,6 +171,14 @@ impl Engine {
         }
     }
 
+    /// A duplicate of the completion eventfd: writing it wakes the queue's thread.
+    pub fn notifier(&self) -> std::io::Result<vmm_sys_util::eventfd::EventFd> {
+        match self {
+            Engine::Uring(e) => e.notifier(),
+            Engine::Threads(e) => e.notifier(),
+        }
+    }
+
     /// The eventfd that becomes readable when completions are ready.
     pub fn notify_fd(&self) -> RawFd {
         match self {

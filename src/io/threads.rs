@@ -113,6 +113,10 @@ impl ThreadEngine {
         self.in_flight
     }
 
+    pub(super) fn notifier(&self) -> std::io::Result<EventFd> {
+        self.shared.event.try_clone()
+    }
+
     pub(super) fn notify_fd(&self) -> RawFd {
         self.shared.event.as_raw_fd()
     }

@@ -219,6 +219,10 @@ impl UringEngine {
         self.in_flight
     }
 
+    pub(super) fn notifier(&self) -> std::io::Result<EventFd> {
+        self.event.try_clone()
+    }
+
     pub(super) fn notify_fd(&self) -> RawFd {
         self.event.as_raw_fd()
     }

@@ -18,7 +18,9 @@ use super::guest::{self, IovCursor};
 use super::request::{self, ParseError, Request, RequestType};
 use super::status::{RequestError, STATUS_OK};
 use super::{DeviceSettings, DiscardMode, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
-use crate::block::{self, probe, BlockBackend, BlockError, Extent, HostOp, Scratch, Target};
+use crate::block::{
+    self, probe, BlockBackend, BlockError, Extent, ExtraData, HostOp, Scratch, Target, Wake, Waker,
+};
 use crate::guest_warn;
 use crate::io::{sys, Completion, Engine, IoOp, OpKind, Transfer, MAX_IOVECS};
 use crate::util::aligned::{zero_block, AlignedBuf, ZERO_BLOCK_LEN};
@@ -49,6 +51,22 @@ fn untag(tag: u64) -> (usize, usize, u64) {
     )
 }
 
+/// Wakes a worker by writing its engine's eventfd.
+struct EventWaker(vmm_sys_util::eventfd::EventFd);
+
+impl Wake for EventWaker {
+    fn wake(&self) {
+        let _ = self.0.write(1);
+    }
+}
+
+/// A request waiting for another request's allocation (the backend said busy).
+struct Parked {
+    head: u16,
+    req: Request,
+    mem: Arc<GuestMem>,
+}
+
 /// A request waiting for host operations.
 struct InFlight {
     head: u16,
@@ -62,13 +80,20 @@ struct InFlight {
     host_ops: Vec<HostOp>,
     /// Keeps the guest memory the operations point into mapped.
     mem: Arc<GuestMem>,
+    /// Metadata to commit once the writes are done.
+    ticket: Option<u64>,
+    /// Copy-on-write data the operations write from.
+    _buffers: Vec<AlignedBuf>,
 }
 
 /// What executing a request produced before any host I/O.
+#[derive(Default)]
 struct Plan {
     ops: Vec<IoOp>,
     host_ops: Vec<HostOp>,
     used_len: u32,
+    ticket: Option<u64>,
+    buffers: Vec<AlignedBuf>,
 }
 
 /// The state of one virtqueue.
@@ -91,6 +116,8 @@ pub struct QueueWorker {
     no_zero_range: bool,
     bounce: Option<AlignedBuf>,
     scratch: Scratch,
+    waker: Waker,
+    parked: Vec<Parked>,
 }
 
 impl QueueWorker {
@@ -102,6 +129,9 @@ impl QueueWorker {
         mem: GuestMemAtomic,
         engine: Engine,
     ) -> Self {
+        let waker: Waker = Arc::new(EventWaker(
+            engine.notifier().expect("duplicating the engine's eventfd"),
+        ));
         QueueWorker {
             index,
             settings,
@@ -119,6 +149,8 @@ impl QueueWorker {
             no_zero_range: false,
             bounce: None,
             scratch: Scratch::default(),
+            waker,
+            parked: Vec::new(),
         }
     }
 
@@ -127,9 +159,9 @@ impl QueueWorker {
         self.engine.notify_fd()
     }
 
-    /// Requests in flight.
+    /// Requests in flight (parked ones included).
     pub fn in_flight(&self) -> usize {
-        self.slots.len() - self.free.len()
+        self.slots.len() - self.free.len() + self.parked.len()
     }
 
     /// Handles a kick: takes every available chain, submits their I/O, publishes what finished.
@@ -158,23 +190,37 @@ impl QueueWorker {
         self.publish(vring);
     }
 
-    /// Handles the engine's eventfd: completes requests whose operations are all done.
+    /// Handles the engine's eventfd: completes requests whose operations are all done, and
+    /// retries requests that waited for another one's allocation.
     pub fn process_completions(&mut self, vring: &Vring) {
         self.engine.reap(&mut self.completions);
         self.handle_completions();
+        self.retry_parked();
         self.engine.submit();
         self.publish(vring);
     }
 
     /// Waits for every in-flight request and completes it (GET_VRING_BASE, disconnect, exit).
     pub fn drain(&mut self) {
-        while self.engine.in_flight() > 0 {
-            self.engine.wait(&mut self.completions);
-            self.handle_completions();
+        while self.engine.in_flight() > 0 || !self.parked.is_empty() {
+            if self.engine.in_flight() > 0 {
+                self.engine.wait(&mut self.completions);
+                self.handle_completions();
+            } else {
+                // Parked requests wait for another queue's allocation to commit.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            self.retry_parked();
             self.engine.submit();
         }
         if let Some(vring) = self.vring.clone() {
             self.publish(&vring);
+        }
+    }
+
+    fn retry_parked(&mut self) {
+        for p in std::mem::take(&mut self.parked) {
+            self.execute(p.head, p.req, &p.mem);
         }
     }
 
@@ -195,12 +241,23 @@ impl QueueWorker {
                 return;
             }
         };
+        self.execute(head, req, mem);
+    }
+
+    fn execute(&mut self, head: u16, req: Request, mem: &Arc<GuestMem>) {
         let status = req.status;
         match self.plan(&req, mem) {
-            Ok(plan) if plan.ops.is_empty() && plan.host_ops.is_empty() => {
+            Ok(plan)
+                if plan.ops.is_empty() && plan.host_ops.is_empty() && plan.ticket.is_none() =>
+            {
                 self.finish(mem, head, status, Ok(plan.used_len));
             }
             Ok(plan) => self.submit(head, status, plan, mem.clone()),
+            Err(RequestError::Block(BlockError::Busy)) => self.parked.push(Parked {
+                head,
+                req,
+                mem: mem.clone(),
+            }),
             Err(e) => self.finish(mem, head, status, Err(e)),
         }
     }
@@ -218,6 +275,8 @@ impl QueueWorker {
             error: None,
             host_ops: plan.host_ops,
             mem,
+            ticket: plan.ticket,
+            _buffers: plan.buffers,
         };
         for mut op in plan.ops {
             op.tag = tag(slot, 0, 0);
@@ -301,30 +360,13 @@ impl QueueWorker {
         offset: u64,
         len: u64,
     ) -> usize {
-        let zero = zero_block();
-        let per_op = (ZERO_BLOCK_LEN * MAX_IOVECS) as u64;
-        let mut done = 0;
-        let mut ops = 0;
-        while done < len {
-            let n = (len - done).min(per_op);
-            let iov = (0..n.div_ceil(ZERO_BLOCK_LEN as u64))
-                .map(|i| libc::iovec {
-                    // Writes only read from the buffer; the kernel never stores through it.
-                    iov_base: zero.as_ptr() as *mut libc::c_void,
-                    iov_len: (n - i * ZERO_BLOCK_LEN as u64).min(ZERO_BLOCK_LEN as u64) as usize,
-                })
-                .collect();
-            self.engine.push(IoOp {
-                fd,
-                offset: offset + done,
-                kind: OpKind::Write,
-                iov,
-                tag: tag(slot, index + 1, 0),
-            });
-            done += n;
-            ops += 1;
+        let ops = zero_ops(fd, offset, len);
+        let n = ops.len();
+        for mut op in ops {
+            op.tag = tag(slot, index + 1, 0);
+            self.engine.push(op);
         }
-        ops
+        n
     }
 
     fn handle_completions(&mut self) {
@@ -378,7 +420,13 @@ impl QueueWorker {
             return;
         };
         self.free.push(slot);
-        let result = match req.error {
+        let mut error = req.error;
+        if let Some(ticket) = req.ticket {
+            if let Err(e) = self.backend.commit_write(ticket, error.is_none()) {
+                error.get_or_insert(e.into());
+            }
+        }
+        let result = match error {
             None => Ok(req.used_len),
             Some(e) => Err(e),
         };
@@ -435,9 +483,8 @@ impl QueueWorker {
     /// Validates a request and turns it into host operations.
     fn plan(&mut self, req: &Request, mem: &GuestMem) -> Result<Plan, RequestError> {
         let mut plan = Plan {
-            ops: Vec::new(),
-            host_ops: Vec::new(),
             used_len: 1,
+            ..Default::default()
         };
         match req.kind {
             RequestType::In | RequestType::Out => self.plan_rw(req, mem, &mut plan)?,
@@ -496,18 +543,38 @@ impl QueueWorker {
         self.iov.clear();
         let max_iov = self.settings.max_descriptors() * 4;
         guest::host_iovecs(mem, &req.data, max_iov, &mut self.iov)?;
-        self.extents.clear();
-        if write {
-            self.backend.map_write(offset, len, &mut self.extents)?;
-        } else {
-            self.backend.map_read(offset, len, &mut self.extents)?;
-        }
         let align = self.backend.info().mem_align;
         let bounce = align > 1
             && self
                 .iov
                 .iter()
                 .any(|v| v.iov_base as usize % align != 0 || v.iov_len % align != 0);
+        self.extents.clear();
+        if write {
+            let wp = self.backend.begin_write(offset, len, &self.waker)?;
+            self.extents = wp.extents;
+            plan.ticket = wp.ticket;
+            for x in wp.extra {
+                match x.data {
+                    ExtraData::Bytes(buf) => {
+                        plan.ops.push(IoOp {
+                            fd: x.fd,
+                            offset: x.offset,
+                            kind: OpKind::Write,
+                            iov: vec![libc::iovec {
+                                iov_base: buf.as_ptr() as *mut libc::c_void,
+                                iov_len: buf.len(),
+                            }],
+                            tag: 0,
+                        });
+                        plan.buffers.push(buf);
+                    }
+                    ExtraData::Zero(n) => plan.ops.extend(zero_ops(x.fd, x.offset, n)),
+                }
+            }
+        } else {
+            self.backend.map_read(offset, len, &mut self.extents)?;
+        }
         let mut cursor = IovCursor::new(&self.iov);
         let mut pieces = Vec::new();
         for ext in &self.extents {
@@ -540,6 +607,9 @@ impl QueueWorker {
                         };
                         let res = sys::execute(&mut op);
                         if res < 0 {
+                            if let Some(t) = plan.ticket.take() {
+                                let _ = self.backend.commit_write(t, false);
+                            }
                             return Err(RequestError::Host(io::Error::from_raw_os_error(-res)));
                         }
                         if !write {
@@ -635,15 +705,42 @@ impl QueueWorker {
             }
             if discard {
                 if unmap_allowed {
-                    self.backend.discard(offset, len, out)?;
+                    self.backend.discard(offset, len, true, &self.waker, out)?;
                 }
             } else {
                 self.backend
-                    .write_zeroes(offset, len, unmap && unmap_allowed, out)?;
+                    .write_zeroes(offset, len, unmap && unmap_allowed, &self.waker, out)?;
             }
         }
         Ok(())
     }
+}
+
+/// Write operations that put `len` zero bytes at `offset`, from the shared zero block.
+fn zero_ops(fd: i32, offset: u64, len: u64) -> Vec<IoOp> {
+    let zero = zero_block();
+    let per_op = (ZERO_BLOCK_LEN * MAX_IOVECS) as u64;
+    let mut ops = Vec::new();
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(per_op);
+        let iov = (0..n.div_ceil(ZERO_BLOCK_LEN as u64))
+            .map(|i| libc::iovec {
+                // Writes only read from the buffer; the kernel never stores through it.
+                iov_base: zero.as_ptr() as *mut libc::c_void,
+                iov_len: (n - i * ZERO_BLOCK_LEN as u64).min(ZERO_BLOCK_LEN as u64) as usize,
+            })
+            .collect();
+        ops.push(IoOp {
+            fd,
+            offset: offset + done,
+            kind: OpKind::Write,
+            iov,
+            tag: 0,
+        });
+        done += n;
+    }
+    ops
 }
 
 /// Copies between guest iovecs and the start of `buf`: into `buf` if `to_buf`, out of it otherwise.

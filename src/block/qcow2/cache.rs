@@ -1,20 +1,72 @@
 //! A bounded cache of L2 tables shared by every queue thread. Lookups take a shard's read lock
-//! only (hits run in parallel); a miss is read from the file with no lock held, then inserted,
-//! evicting with a clock (second-chance) policy within the shard.
+//! and the table's read lock only (hits run in parallel); a miss is read from the file with no
+//! lock held, then inserted, evicting with a clock (second-chance) policy within the shard.
+//! Tables changed in memory but not yet written back are never evicted.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 const SHARDS: usize = 16;
 
+/// One L2 table: its raw entries (native integers) and whether memory is ahead of the file.
+pub struct L2Table {
+    /// Offset of the table in the image file.
+    pub offset: u64,
+    entries: RwLock<Box<[u64]>>,
+    dirty: AtomicBool,
+}
+
+impl L2Table {
+    /// A table with these entries.
+    pub fn new(offset: u64, entries: Box<[u64]>, dirty: bool) -> Self {
+        L2Table {
+            offset,
+            entries: RwLock::new(entries),
+            dirty: AtomicBool::new(dirty),
+        }
+    }
+
+    /// Reads the entries.
+    pub fn read(&self) -> RwLockReadGuard<'_, Box<[u64]>> {
+        self.entries.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes entries; the table becomes dirty.
+    pub fn write(&self) -> RwLockWriteGuard<'_, Box<[u64]>> {
+        self.dirty.store(true, Ordering::Release);
+        self.entries.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Memory is ahead of the file.
+    pub fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::Acquire)
+    }
+
+    /// The table as it goes on disk, marking it clean first (a change made while the bytes are
+    /// taken marks it dirty again).
+    pub fn take_bytes(&self) -> Vec<u8> {
+        self.dirty.store(false, Ordering::Release);
+        let e = self.read();
+        let mut v = Vec::with_capacity(e.len() * 8);
+        for x in e.iter() {
+            v.extend_from_slice(&x.to_be_bytes());
+        }
+        v
+    }
+
+    /// Marks the table dirty again (its write-back failed).
+    pub fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::Release);
+    }
+}
+
 struct Slot {
-    table: Arc<[u64]>,
+    table: Arc<L2Table>,
     used: AtomicBool,
 }
 
-/// L2 tables keyed by their offset in the image file; entries are the raw big-endian words
-/// converted to native integers.
+/// L2 tables keyed by their offset in the image file.
 pub struct L2Cache {
     shards: Vec<RwLock<HashMap<u64, Slot>>>,
     per_shard: usize,
@@ -22,8 +74,8 @@ pub struct L2Cache {
 }
 
 impl L2Cache {
-    /// A cache holding at most `bytes` of tables of `1 << cluster_bits` bytes (at least one table
-    /// per shard).
+    /// A cache holding at most `bytes` of clean tables of `1 << cluster_bits` bytes (at least one
+    /// table per shard).
     pub fn new(bytes: u64, cluster_bits: u32) -> Self {
         let tables = (bytes >> cluster_bits).max(SHARDS as u64) as usize;
         L2Cache {
@@ -39,7 +91,7 @@ impl L2Cache {
     }
 
     /// The cached table at `offset`.
-    pub fn get(&self, offset: u64) -> Option<Arc<[u64]>> {
+    pub fn get(&self, offset: u64) -> Option<Arc<L2Table>> {
         let shard = self
             .shard(offset)
             .read()
@@ -50,9 +102,10 @@ impl L2Cache {
         })
     }
 
-    /// Caches `table` at `offset` (keeping an entry another thread inserted meanwhile) and
-    /// returns the cached table.
-    pub fn insert(&self, offset: u64, table: Arc<[u64]>) -> Arc<[u64]> {
+    /// Caches `table` (keeping an entry another thread inserted meanwhile) and returns the
+    /// cached table.
+    pub fn insert(&self, table: Arc<L2Table>) -> Arc<L2Table> {
+        let offset = table.offset;
         let mut shard = self
             .shard(offset)
             .write()
@@ -61,20 +114,18 @@ impl L2Cache {
             return s.table.clone();
         }
         if shard.len() >= self.per_shard {
-            // Second chance: clear reference bits until an unreferenced table turns up.
-            let victim = loop {
-                let mut found = None;
-                for (k, s) in shard.iter() {
-                    if !s.used.swap(false, Ordering::Relaxed) {
-                        found = Some(*k);
-                        break;
-                    }
+            // Second chance among clean tables; a shard full of dirty tables grows until the
+            // next write-back.
+            for _ in 0..2 {
+                let victim = shard
+                    .iter()
+                    .find(|(_, s)| !s.table.is_dirty() && !s.used.swap(false, Ordering::Relaxed))
+                    .map(|(k, _)| *k);
+                if let Some(k) = victim {
+                    shard.remove(&k);
+                    break;
                 }
-                if let Some(k) = found {
-                    break k;
-                }
-            };
-            shard.remove(&victim);
+            }
         }
         shard.insert(
             offset,
@@ -84,6 +135,28 @@ impl L2Cache {
             },
         );
         table
+    }
+
+    /// Every dirty table.
+    pub fn dirty_tables(&self) -> Vec<Arc<L2Table>> {
+        let mut v = Vec::new();
+        for s in &self.shards {
+            let s = s.read().unwrap_or_else(PoisonError::into_inner);
+            v.extend(
+                s.values()
+                    .filter(|s| s.table.is_dirty())
+                    .map(|s| s.table.clone()),
+            );
+        }
+        v
+    }
+
+    /// Drops a table (it was freed).
+    pub fn remove(&self, offset: u64) {
+        self.shard(offset)
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&offset);
     }
 
     /// Tables currently cached.
@@ -104,20 +177,30 @@ impl L2Cache {
 mod tests {
     use super::*;
 
+    fn t(offset: u64, v: u64, dirty: bool) -> Arc<L2Table> {
+        Arc::new(L2Table::new(offset, vec![v; 4].into_boxed_slice(), dirty))
+    }
+
     #[test]
-    fn bounded_and_keeps_recently_used() {
+    fn bounded_keeps_dirty_and_first_insert() {
         let c = L2Cache::new(16 * 65536, 16);
-        let t = |v: u64| -> Arc<[u64]> { vec![v; 4].into() };
         // All in shard 0: offsets that are multiples of 16 clusters.
         let key = |i: u64| i * 16 * 65536;
-        c.insert(key(0), t(0));
-        assert_eq!(c.get(key(0)).unwrap()[0], 0);
-        c.insert(key(1), t(1));
-        // Shard 0 holds one table: inserting evicted key 0.
+        c.insert(t(key(0), 0, false));
+        assert_eq!(c.get(key(0)).unwrap().read()[0], 0);
+        c.insert(t(key(1), 1, false));
+        // Shard 0 holds one clean table: inserting evicted key 0.
         assert!(c.get(key(0)).is_none());
-        assert_eq!(c.get(key(1)).unwrap()[0], 1);
-        assert!(c.len() <= SHARDS);
+        assert_eq!(c.get(key(1)).unwrap().read()[0], 1);
         // A concurrent insert of the same key keeps the first table.
-        assert_eq!(c.insert(key(1), t(9))[0], 1);
+        assert_eq!(c.insert(t(key(1), 9, false)).read()[0], 1);
+        // Dirty tables stay.
+        c.get(key(1)).unwrap().write()[0] = 5;
+        c.insert(t(key(2), 2, false));
+        assert_eq!(c.get(key(1)).unwrap().read()[0], 5);
+        assert_eq!(c.dirty_tables().len(), 1);
+        let bytes = c.get(key(1)).unwrap().take_bytes();
+        assert_eq!(bytes[..8], 5u64.to_be_bytes());
+        assert!(c.dirty_tables().is_empty());
     }
 }

@@ -2,9 +2,10 @@
 //! extents (data in the image, its data file or a backing file; zeroes; compressed clusters),
 //! decompress clusters on request.
 //!
-//! Writes are limited to clusters that are already allocated and owned by the active image
-//! (COPIED, not compressed): they go to the host cluster in place. Allocating writes, discard
-//! and write-zeroes come with the write side.
+//! Writes (see `write.rs`) go in place to clusters the active image owns, or allocate: new
+//! clusters from the in-memory refcounts, copy-on-write of what the write does not cover only
+//! where it is needed (subcluster-aware with extended L2), metadata made visible after the data
+//! is written, written back at flush, with lazy refcounts by default.
 
 pub mod cache;
 pub mod check;
@@ -13,22 +14,23 @@ pub mod header;
 pub mod l2;
 pub mod refcount;
 pub mod snapshot;
+mod write;
 
 use std::collections::HashSet;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use log::{error, info, warn};
 
-use self::cache::L2Cache;
+use self::cache::{L2Cache, L2Table};
 use self::header::{Header, AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, OFFSET_AUTOCLEAR};
 use self::l2::{L2Mapping, SubState};
 use super::file::ImageFile;
 use super::{
     push_extent, BackendInfo, BlockBackend, BlockError, CacheMode, Extent, HostOp, ImageFormat,
-    OpenError, Scratch, Target,
+    LazyRefcounts, OpenError, OpenOptions, Scratch, Target, Waker, WritePlan,
 };
 
 /// Longest backing chain we follow.
@@ -77,18 +79,21 @@ pub struct Qcow2Image {
     file: ImageFile,
     data_file: Option<ImageFile>,
     header: Header,
-    l1: Vec<u64>,
+    l1: RwLock<Vec<u64>>,
     cache: L2Cache,
     backing: Option<Layer>,
     /// Position in the chain (0 = the image the guest sees), to route compressed reads.
     depth: u16,
     corrupt_reported: AtomicBool,
+    /// Allocation state of the active image when it is writable.
+    writable: Option<write::Writable>,
 }
 
 /// How to open a chain.
 struct ChainOptions {
     cache: CacheMode,
     l2_cache_bytes: u64,
+    lazy: LazyRefcounts,
 }
 
 impl Qcow2Image {
@@ -119,12 +124,29 @@ impl Qcow2Image {
                 reason: "the image is marked corrupt; it can only be opened with --read-only (repair with qemu-img check -r all)".into(),
             });
         }
-        if !read_only && header.dirty() {
-            return Err(OpenError::Refused {
-                path,
-                reason: "the image was not closed cleanly (dirty bit set); open it with --read-only, or repair it with qemu-img check -r all".into(),
-            });
-        }
+        let header = if !read_only && header.dirty() {
+            // Not closed cleanly (lazy refcounts): rebuild refcounts as `check -r all` would.
+            let res = check::check(&file, &header, check::Repair::All);
+            if res.remaining_corruptions() > 0 || res.check_errors > 0 {
+                return Err(OpenError::Refused {
+                    path,
+                    reason: format!(
+                        "the image was not closed cleanly and could not be repaired ({} corruptions left); try qemu-img check -r all",
+                        res.remaining_corruptions()
+                    ),
+                });
+            }
+            warn!(
+                "{}: not closed cleanly; repaired {} leaked clusters and {} corruptions",
+                path.display(),
+                res.leaks_fixed,
+                res.corruptions_fixed
+            );
+            let head = file.read_at(0, head_len).map_err(read_err)?;
+            Header::parse(&head, file.size).map_err(hdr_err)?
+        } else {
+            header
+        };
         snapshot::read_table(&file, &header).map_err(hdr_err)?;
         let l1_bytes = header.l1_size as usize * 8;
         let l1 = file
@@ -132,7 +154,7 @@ impl Qcow2Image {
             .map_err(read_err)?
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
+            .collect::<Vec<u64>>();
         let dir = path.parent().unwrap_or(Path::new(".")).to_owned();
 
         let data_file = match &header.data_file {
@@ -169,14 +191,16 @@ impl Qcow2Image {
             file,
             data_file,
             header,
-            l1,
+            l1: RwLock::new(l1),
             cache,
             backing,
             depth,
             corrupt_reported: AtomicBool::new(false),
+            writable: None,
         };
         if !read_only {
             img.clear_autoclear()?;
+            img.make_writable(opts.lazy)?;
         }
         Ok(img)
     }
@@ -210,6 +234,33 @@ impl Qcow2Image {
         Ok(())
     }
 
+    fn make_writable(&mut self, lazy: LazyRefcounts) -> Result<(), OpenError> {
+        let v3 = self.header.version >= 3;
+        let lazy = match lazy {
+            LazyRefcounts::Auto => v3,
+            LazyRefcounts::On if !v3 => {
+                return Err(OpenError::Refused {
+                    path: self.path.clone(),
+                    reason: "lazy refcounts need a version 3 image".into(),
+                })
+            }
+            LazyRefcounts::On => true,
+            LazyRefcounts::Off => false,
+        };
+        let refcounts = refcount::Refcounts::load(&self.file, &self.header).map_err(|e| {
+            OpenError::Refused {
+                path: self.path.clone(),
+                reason: format!("{e}; repair it with `vhost-device-blk check --repair all`"),
+            }
+        })?;
+        self.writable = Some(write::Writable::new(
+            refcounts,
+            lazy,
+            self.header.cluster_bits,
+        ));
+        Ok(())
+    }
+
     fn cluster_size(&self) -> u64 {
         self.header.cluster_size()
     }
@@ -222,8 +273,12 @@ impl Qcow2Image {
             .as_raw_fd()
     }
 
-    fn data_file_size(&self) -> u64 {
-        self.data_file.as_ref().unwrap_or(&self.file).size
+    fn data_file_end(&self) -> u64 {
+        match &self.data_file {
+            // A data file is addressed by guest offset: any offset inside the disk is valid.
+            Some(d) => d.size.max(self.header.size),
+            None => self.file_end(),
+        }
     }
 
     /// Logs an image corruption once and returns the request error.
@@ -238,20 +293,40 @@ impl Qcow2Image {
     }
 
     /// The L2 table at `offset`, from the cache or the file.
-    fn l2_table(&self, offset: u64) -> Result<Arc<[u64]>, BlockError> {
+    fn l2_table(&self, offset: u64) -> Result<Arc<L2Table>, BlockError> {
         if let Some(t) = self.cache.get(offset) {
             return Ok(t);
         }
         let cs = self.cluster_size();
-        if offset.checked_add(cs).is_none_or(|e| e > self.file.size) {
+        if offset.checked_add(cs).is_none_or(|e| e > self.file_end()) {
             return Err(self.corrupt("L2 table past the end of the file"));
         }
         let raw = self.file.read_at(offset, cs as usize)?;
-        let table: Arc<[u64]> = raw
+        let entries: Box<[u64]> = raw
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
-        Ok(self.cache.insert(offset, table))
+        Ok(self
+            .cache
+            .insert(Arc::new(L2Table::new(offset, entries, false))))
+    }
+
+    /// End of the image file as far as metadata may point (it grows as clusters are allocated).
+    fn file_end(&self) -> u64 {
+        match &self.writable {
+            Some(w) => w.end_bytes(),
+            None => self.file.size,
+        }
+    }
+
+    /// The L1 entry at `index` (0 past the table).
+    fn l1_entry(&self, index: usize) -> u64 {
+        self.l1
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(index)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The mapping of the cluster containing guest offset `offset`.
@@ -260,10 +335,7 @@ impl Qcow2Image {
         let cs = self.cluster_size();
         let cluster = offset >> h.cluster_bits;
         let l2_entries = h.l2_entries();
-        let l1_index = (cluster / l2_entries) as usize;
-        let Some(&l1e) = self.l1.get(l1_index) else {
-            return Ok(L2Mapping::UNALLOCATED);
-        };
+        let l1e = self.l1_entry((cluster / l2_entries) as usize);
         let table_offset = l2::l1_table_offset(l1e, cs).map_err(|e| self.corrupt(e))?;
         if table_offset == 0 {
             return Ok(L2Mapping::UNALLOCATED);
@@ -271,14 +343,17 @@ impl Qcow2Image {
         let table = self.l2_table(table_offset)?;
         let index = (cluster % l2_entries) as usize;
         let data_file = self.data_file.is_some();
-        let mapping = if h.extended_l2() {
-            l2::decode_extended(table[2 * index], table[2 * index + 1], cs, data_file)
-        } else {
-            l2::decode_standard(table[index], cs, data_file)
+        let mapping = {
+            let t = table.read();
+            if h.extended_l2() {
+                l2::decode_extended(t[2 * index], t[2 * index + 1], cs, data_file)
+            } else {
+                l2::decode_standard(t[index], cs, data_file)
+            }
         }
         .map_err(|e| self.corrupt(e))?;
         if let L2Mapping::Standard { host, alloc, .. } = mapping {
-            if alloc != 0 && host >= self.data_file_size() {
+            if alloc != 0 && host >= self.data_file_end() {
                 return Err(self.corrupt("data cluster past the end of the file"));
             }
         }
@@ -380,48 +455,6 @@ impl Qcow2Image {
         }
         if available < len {
             push_extent(out, zero(len - available));
-        }
-        Ok(())
-    }
-
-    /// Maps an in-place write: every touched cluster must be allocated here, owned by the
-    /// active image only, and (with subclusters) allocated in every touched subcluster.
-    fn map_write(
-        &self,
-        mut offset: u64,
-        mut len: u64,
-        out: &mut Vec<Extent>,
-    ) -> Result<(), BlockError> {
-        let cs = self.cluster_size();
-        let sub_size = cs / u64::from(self.subclusters());
-        while len > 0 {
-            let in_cluster = offset % cs;
-            let n = len.min(cs - in_cluster);
-            let first = (in_cluster / sub_size) as u32;
-            let last = ((in_cluster + n - 1) / sub_size) as u32;
-            match self.lookup(offset)? {
-                m @ L2Mapping::Standard {
-                    host, copied: true, ..
-                } if (first..=last).all(|i| m.sub(i) == SubState::Data) => {
-                    push_extent(
-                        out,
-                        Extent {
-                            len: n,
-                            target: Target::Data {
-                                fd: self.data_fd(),
-                                offset: host + in_cluster,
-                            },
-                        },
-                    );
-                }
-                _ => {
-                    return Err(BlockError::Unsupported(
-                        "writes that allocate qcow2 clusters are not supported yet",
-                    ))
-                }
-            }
-            offset += n;
-            len -= n;
         }
         Ok(())
     }
@@ -528,16 +561,13 @@ pub struct Qcow2Backend {
 
 impl Qcow2Backend {
     /// Opens a qcow2 image and everything it references.
-    pub fn open(
-        file: ImageFile,
-        read_only: bool,
-        cache: CacheMode,
-        l2_cache: Option<u64>,
-    ) -> Result<Self, OpenError> {
+    pub fn open(file: ImageFile, o: &OpenOptions) -> Result<Self, OpenError> {
         let opts = ChainOptions {
-            cache,
-            l2_cache_bytes: l2_cache.unwrap_or(DEFAULT_L2_CACHE),
+            cache: o.cache,
+            l2_cache_bytes: o.l2_cache_size.unwrap_or(DEFAULT_L2_CACHE),
+            lazy: o.lazy_refcounts,
         };
+        let read_only = o.read_only;
         let mut seen = HashSet::new();
         if let Ok(c) = std::fs::canonicalize(&file.path) {
             seen.insert(c);
@@ -555,7 +585,7 @@ impl Qcow2Backend {
         };
         let h = &top.header;
         info!(
-            "{}: qcow2 v{}, {} KiB clusters{}, {}-bit refcounts, {} compression{}{}{}",
+            "{}: qcow2 v{}, {} KiB clusters{}, {}-bit refcounts, {} compression{}{}{}{}",
             top.path.display(),
             h.version,
             h.cluster_size() / 1024,
@@ -575,6 +605,11 @@ impl Qcow2Backend {
             } else {
                 String::new()
             },
+            match &top.writable {
+                Some(w) if w.lazy() => ", lazy refcounts",
+                Some(_) => ", eager refcounts",
+                None => "",
+            },
         );
         Ok(Qcow2Backend { top, info })
     }
@@ -589,6 +624,76 @@ impl Qcow2Backend {
             });
         }
     }
+
+    /// Writes zeroes to `offset..offset+len` as data (parts of write-zeroes that do not cover
+    /// whole (sub)clusters), synchronously; skips what already reads as zeroes.
+    fn zero_data(&self, offset: u64, len: u64, waker: &Waker) -> Result<(), BlockError> {
+        let mut ext = Vec::new();
+        self.top.map_read(offset, len, &mut ext)?;
+        if ext.iter().all(|e| e.target == Target::Zero) {
+            return Ok(());
+        }
+        let plan = self.top.begin_write(offset, len, waker)?;
+        let mut result = Ok(());
+        let zero = |fd, offset, len| super::ExtraWrite {
+            fd,
+            offset,
+            data: super::ExtraData::Zero(len),
+        };
+        let writes = plan
+            .extents
+            .iter()
+            .filter_map(|e| match e.target {
+                Target::Data { fd, offset } => Some(zero(fd, offset, e.len)),
+                _ => None,
+            })
+            .chain(plan.extra);
+        for w in writes {
+            if let Err(e) = write_extra(&w) {
+                result = Err(e);
+                break;
+            }
+        }
+        if let Some(t) = plan.ticket {
+            self.top.commit_write(t, result.is_ok())?;
+        }
+        result
+    }
+}
+
+/// Writes an [`super::ExtraWrite`] synchronously.
+fn write_extra(w: &super::ExtraWrite) -> Result<(), BlockError> {
+    use crate::util::aligned::{zero_block, ZERO_BLOCK_LEN};
+    let iov: Vec<libc::iovec> = match &w.data {
+        super::ExtraData::Bytes(b) => vec![libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        }],
+        super::ExtraData::Zero(len) => (0..len.div_ceil(ZERO_BLOCK_LEN as u64))
+            .map(|i| libc::iovec {
+                iov_base: zero_block().as_ptr() as *mut libc::c_void,
+                iov_len: (len - i * ZERO_BLOCK_LEN as u64).min(ZERO_BLOCK_LEN as u64) as usize,
+            })
+            .collect(),
+    };
+    for chunk in iov.chunks(crate::io::MAX_IOVECS).scan(w.offset, |at, c| {
+        let start = *at;
+        *at += c.iter().map(|v| v.iov_len as u64).sum::<u64>();
+        Some((start, c.to_vec()))
+    }) {
+        let mut op = crate::io::IoOp {
+            fd: w.fd,
+            offset: chunk.0,
+            kind: crate::io::OpKind::Write,
+            iov: chunk.1,
+            tag: 0,
+        };
+        let r = crate::io::sys::execute(&mut op);
+        if r < 0 {
+            return Err(BlockError::Io(std::io::Error::from_raw_os_error(-r)));
+        }
+    }
+    Ok(())
 }
 
 impl BlockBackend for Qcow2Backend {
@@ -601,37 +706,65 @@ impl BlockBackend for Qcow2Backend {
         self.top.map_read(offset, len, out)
     }
 
-    fn map_write(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), BlockError> {
+    fn begin_write(&self, offset: u64, len: u64, waker: &Waker) -> Result<WritePlan, BlockError> {
         if self.info.read_only {
             return Err(BlockError::ReadOnly);
         }
         super::check_range(offset, len, self.info.size)?;
-        self.top.map_write(offset, len, out)
+        if len == 0 {
+            return Ok(WritePlan::default());
+        }
+        self.top.begin_write(offset, len, waker)
+    }
+
+    fn commit_write(&self, ticket: u64, ok: bool) -> Result<(), BlockError> {
+        self.top.commit_write(ticket, ok)
     }
 
     fn flush(&self, out: &mut Vec<HostOp>) -> Result<(), BlockError> {
         if !self.info.read_only {
+            self.top.write_back(false)?;
             self.syncs(out);
         }
         Ok(())
     }
 
-    fn discard(&self, _offset: u64, _len: u64, _out: &mut Vec<HostOp>) -> Result<(), BlockError> {
-        Err(BlockError::Unsupported(
-            "discard on qcow2 images is not supported yet",
-        ))
+    fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap_host: bool,
+        waker: &Waker,
+        out: &mut Vec<HostOp>,
+    ) -> Result<(), BlockError> {
+        if self.info.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        super::check_range(offset, len, self.info.size)?;
+        let mut partial = Vec::new();
+        self.top
+            .discard_range(offset, len, false, unmap_host, waker, &mut partial, out)
     }
 
     fn write_zeroes(
         &self,
-        _offset: u64,
-        _len: u64,
-        _unmap: bool,
-        _out: &mut Vec<HostOp>,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        waker: &Waker,
+        out: &mut Vec<HostOp>,
     ) -> Result<(), BlockError> {
-        Err(BlockError::Unsupported(
-            "write-zeroes on qcow2 images is not supported yet",
-        ))
+        if self.info.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        super::check_range(offset, len, self.info.size)?;
+        let mut partial = Vec::new();
+        self.top
+            .discard_range(offset, len, true, unmap, waker, &mut partial, out)?;
+        for (o, l) in partial {
+            self.zero_data(o, l, waker)?;
+        }
+        Ok(())
     }
 
     fn read_compressed(
@@ -648,10 +781,7 @@ impl BlockBackend for Qcow2Backend {
 
     fn sync(&self) -> Result<(), BlockError> {
         if !self.info.read_only {
-            self.top.file.file.sync_data()?;
-            if let Some(d) = &self.top.data_file {
-                d.file.sync_data()?;
-            }
+            self.top.write_back(true)?;
         }
         Ok(())
     }

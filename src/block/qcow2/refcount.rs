@@ -338,6 +338,45 @@ impl Refcounts {
         self.quarantine.clear();
     }
 
+    /// Clusters freed and not yet released.
+    pub fn quarantined(&self) -> Vec<u64> {
+        self.quarantine.clone()
+    }
+
+    /// Releases these quarantined clusters (their frees are durable now).
+    pub fn release(&mut self, clusters: &[u64]) {
+        if clusters.is_empty() {
+            return;
+        }
+        let done: HashSet<u64> = clusters.iter().copied().collect();
+        self.quarantine.retain(|c| !done.contains(c));
+        if let Some(&min) = clusters.iter().min() {
+            self.free_hint = self.free_hint.min(min);
+        }
+    }
+
+    /// Copies of the dirty blocks with one reference added back to each of `bump` (frees not
+    /// yet to be written), keeping them dirty.
+    pub fn snapshot_blocks(&self, bump: &[u64]) -> Vec<(u64, Vec<u8>)> {
+        let epb = self.entries_per_block();
+        let mut blocks: Vec<(usize, Vec<u8>)> = self
+            .dirty_blocks
+            .iter()
+            .filter_map(|&b| Some((b, self.blocks.get(b)?.as_ref()?.to_vec())))
+            .collect();
+        for &c in bump {
+            let b = (c / epb) as usize;
+            if let Some((_, bytes)) = blocks.iter_mut().find(|(i, _)| *i == b) {
+                let v = read_entry(bytes, self.order, c % epb);
+                write_entry(bytes, self.order, c % epb, v + 1);
+            }
+        }
+        blocks
+            .into_iter()
+            .map(|(b, bytes)| (self.table[b], bytes))
+            .collect()
+    }
+
     /// Dirty blocks as (file offset, bytes), and forgets that they were dirty.
     pub fn take_dirty_blocks(&mut self) -> Vec<(u64, Vec<u8>)> {
         let dirty = std::mem::take(&mut self.dirty_blocks);

@@ -1,0 +1,877 @@
+//! The write side of the active image: cluster allocation with copy-on-write only where needed,
+//! metadata commits after the data is written, write-back at flush and clean close, lazy
+//! refcounts with the dirty bit, discard and write-zeroes.
+//!
+//! Locking: `Writable::meta` guards the refcounts, the in-flight allocations and pending commits;
+//! it is never held across I/O. Reads of missing L2 tables happen before it is taken.
+//! `Writable::writeback` serializes metadata writes (flush, close) and is held across them; it
+//! never blocks lookups or the data path.
+
+use std::collections::{BTreeSet, HashMap};
+use std::os::unix::io::RawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use log::info;
+
+use super::cache::L2Table;
+use super::header::{INCOMPAT_DIRTY, OFFSET_INCOMPATIBLE};
+use super::l2::{self, L2Mapping, SubState, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO};
+use super::refcount::Refcounts;
+use super::Qcow2Image;
+use crate::block::{
+    BlockError, Extent, ExtraData, ExtraWrite, HostOp, Scratch, Target, Waker, WritePlan,
+};
+use crate::util::aligned::AlignedBuf;
+
+/// Allocation state of a writable image.
+pub(super) struct Writable {
+    meta: Mutex<Meta>,
+    writeback: Mutex<()>,
+    /// Refcounts are written only at clean close; the dirty bit covers the gap.
+    lazy: bool,
+    /// End of the file in bytes, as allocation has grown it.
+    end: AtomicU64,
+}
+
+struct Meta {
+    refcounts: Refcounts,
+    l1_dirty: BTreeSet<usize>,
+    /// Guest clusters being allocated, with the workers waiting for them.
+    inflight: HashMap<u64, Vec<Waker>>,
+    pending: HashMap<u64, Pending>,
+    next_ticket: u64,
+    /// The dirty bit is set on disk.
+    marked_dirty: bool,
+}
+
+#[derive(Default)]
+struct Pending {
+    clusters: Vec<u64>,
+    updates: Vec<Update>,
+    /// Host clusters allocated for this write (freed if it fails).
+    allocated: Vec<u64>,
+    /// Host clusters that lose a reference when it commits.
+    release: Vec<u64>,
+}
+
+struct Update {
+    table: Arc<L2Table>,
+    index: usize,
+    entry: u64,
+    bitmap: Option<u64>,
+}
+
+/// Where copy-on-write data comes from.
+enum Source {
+    Zero,
+    /// The backing chain at this guest offset.
+    Backing(u64),
+    /// This offset in the data file (an old cluster of ours).
+    Host(u64),
+    /// A compressed cluster, from this offset within it.
+    Compressed(u64, u64),
+}
+
+struct CowPiece {
+    /// Host offset it goes to.
+    to: u64,
+    len: u64,
+    from: Source,
+}
+
+fn lock(m: &Mutex<Meta>) -> MutexGuard<'_, Meta> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Writable {
+    pub(super) fn new(refcounts: Refcounts, lazy: bool, cluster_bits: u32) -> Writable {
+        let end = refcounts.end << cluster_bits;
+        Writable {
+            meta: Mutex::new(Meta {
+                refcounts,
+                l1_dirty: BTreeSet::new(),
+                inflight: HashMap::new(),
+                pending: HashMap::new(),
+                next_ticket: 1,
+                marked_dirty: false,
+            }),
+            writeback: Mutex::new(()),
+            lazy,
+            end: AtomicU64::new(end),
+        }
+    }
+
+    pub(super) fn end_bytes(&self) -> u64 {
+        self.end.load(Ordering::Acquire)
+    }
+
+    pub(super) fn lazy(&self) -> bool {
+        self.lazy
+    }
+}
+
+/// What one cluster of a write needs.
+struct ClusterWork {
+    /// Host offset of the cluster that receives the data.
+    host: u64,
+    cow: Vec<CowPiece>,
+}
+
+impl Qcow2Image {
+    fn w(&self) -> Result<&Writable, BlockError> {
+        self.writable.as_ref().ok_or(BlockError::ReadOnly)
+    }
+
+    fn sub_size(&self) -> u64 {
+        self.cluster_size() / u64::from(self.subclusters())
+    }
+
+    /// Sets the dirty bit on disk before the first metadata change (lazy refcounts).
+    fn mark_dirty(&self) -> Result<(), BlockError> {
+        let w = self.w()?;
+        if !w.lazy || lock(&w.meta).marked_dirty {
+            return Ok(());
+        }
+        let _wb = w.writeback.lock().unwrap_or_else(PoisonError::into_inner);
+        if lock(&w.meta).marked_dirty {
+            return Ok(());
+        }
+        let value = self.header.incompatible | INCOMPAT_DIRTY;
+        self.file
+            .write_durable(OFFSET_INCOMPATIBLE, &value.to_be_bytes())?;
+        lock(&w.meta).marked_dirty = true;
+        Ok(())
+    }
+
+    /// Loads the L2 tables covering `offset..offset+len` into the cache (before taking locks).
+    fn preload(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        let cs = self.cluster_size();
+        let span = cs * self.header.l2_entries();
+        let mut at = offset - offset % span;
+        while at < offset + len {
+            let e = self.l1_entry((at / span) as usize);
+            let t = l2::l1_table_offset(e, cs).map_err(|e| self.corrupt(e))?;
+            if t != 0 {
+                self.l2_table(t)?;
+            }
+            at += span;
+        }
+        Ok(())
+    }
+
+    /// The active L2 table for guest cluster `gc`, allocating or copying it if the active L1
+    /// does not own one. `None`: it was evicted since the preload (retry).
+    fn owned_table(
+        &self,
+        meta: &mut Meta,
+        gc: u64,
+    ) -> Result<Option<(Arc<L2Table>, usize)>, BlockError> {
+        let cs = self.cluster_size();
+        let per = self.header.l2_entries();
+        let l1_index = (gc / per) as usize;
+        let slot = (gc % per) as usize * if self.header.extended_l2() { 2 } else { 1 };
+        let e = self.l1_entry(l1_index);
+        let off = l2::l1_table_offset(e, cs).map_err(|e| self.corrupt(e))?;
+        if off != 0 && e & OFLAG_COPIED != 0 {
+            return Ok(self.cache.get(off).map(|t| (t, slot)));
+        }
+        // A new table, empty or a copy of a table shared with a snapshot.
+        let words = (cs / 8) as usize;
+        let entries: Box<[u64]> = if off == 0 {
+            vec![0; words].into_boxed_slice()
+        } else {
+            match self.cache.get(off) {
+                Some(old) => old.read().clone(),
+                None => return Ok(None),
+            }
+        };
+        let c = meta
+            .refcounts
+            .alloc(1)
+            .map_err(|e| BlockError::Io(std::io::Error::other(e)))?;
+        self.grow_end(&meta.refcounts);
+        let table = self
+            .cache
+            .insert(Arc::new(L2Table::new(c * cs, entries, true)));
+        if off != 0 {
+            meta.refcounts
+                .decrement(off / cs)
+                .map_err(|e| BlockError::Io(std::io::Error::other(e)))?;
+        }
+        self.l1.write().unwrap_or_else(PoisonError::into_inner)[l1_index] = (c * cs) | OFLAG_COPIED;
+        meta.l1_dirty.insert(l1_index);
+        Ok(Some((table, slot)))
+    }
+
+    fn grow_end(&self, r: &Refcounts) {
+        if let Some(w) = &self.writable {
+            w.end
+                .fetch_max(r.end << self.header.cluster_bits, Ordering::AcqRel);
+        }
+    }
+
+    /// Plans a write of `offset..offset+len`.
+    pub(super) fn begin_write(
+        &self,
+        offset: u64,
+        len: u64,
+        waker: &Waker,
+    ) -> Result<WritePlan, BlockError> {
+        if let Some(plan) = self.in_place(offset, len)? {
+            return Ok(plan);
+        }
+        self.mark_dirty()?;
+        for _ in 0..8 {
+            self.preload(offset, len)?;
+            if let Some(r) = self.plan_allocating(offset, len, waker)? {
+                return Ok(r);
+            }
+        }
+        Err(BlockError::Unsupported("L2 cache too small for this write"))
+    }
+
+    /// A write that needs no metadata change (allocated, owned clusters), planned lock-free.
+    fn in_place(&self, mut offset: u64, mut len: u64) -> Result<Option<WritePlan>, BlockError> {
+        let cs = self.cluster_size();
+        let sub = self.sub_size();
+        let mut plan = WritePlan::default();
+        while len > 0 {
+            let inc = offset % cs;
+            let n = len.min(cs - inc);
+            match self.lookup(offset)? {
+                m @ L2Mapping::Standard {
+                    host, copied: true, ..
+                } if ((inc / sub)..=((inc + n - 1) / sub))
+                    .all(|i| m.sub(i as u32) == SubState::Data) =>
+                {
+                    super::push_extent(
+                        &mut plan.extents,
+                        Extent {
+                            len: n,
+                            target: Target::Data {
+                                fd: self.data_fd(),
+                                offset: host + inc,
+                            },
+                        },
+                    )
+                }
+                _ => return Ok(None),
+            }
+            offset += n;
+            len -= n;
+        }
+        Ok(Some(plan))
+    }
+
+    /// Reserves clusters and plans copy-on-write under the metadata lock, then reads the
+    /// copy-on-write data without it. `Ok(None)`: a table was evicted meanwhile; retry.
+    fn plan_allocating(
+        &self,
+        offset: u64,
+        len: u64,
+        waker: &Waker,
+    ) -> Result<Option<WritePlan>, BlockError> {
+        let w = self.w()?;
+        let cs = self.cluster_size();
+        let first = offset / cs;
+        let last = (offset + len - 1) / cs;
+        let mut work = Vec::new();
+        let ticket;
+        {
+            let mut meta = lock(&w.meta);
+            for gc in first..=last {
+                if let Some(waiters) = meta.inflight.get_mut(&gc) {
+                    waiters.push(waker.clone());
+                    return Err(BlockError::Busy);
+                }
+            }
+            let mut pending = Pending::default();
+            for gc in first..=last {
+                let a = if gc == first { offset % cs } else { 0 };
+                let b = if gc == last {
+                    (offset + len - 1) % cs + 1
+                } else {
+                    cs
+                };
+                match self.plan_cluster(&mut meta, &mut pending, gc, a, b) {
+                    Ok(Some(cw)) => work.push(cw),
+                    Ok(None) => {
+                        Self::undo(&mut meta, &pending);
+                        return Ok(None);
+                    }
+                    Err(e) => {
+                        Self::undo(&mut meta, &pending);
+                        return Err(e);
+                    }
+                }
+            }
+            for &gc in &pending.clusters {
+                meta.inflight.insert(gc, Vec::new());
+            }
+            ticket = meta.next_ticket;
+            meta.next_ticket += 1;
+            meta.pending.insert(ticket, pending);
+            self.grow_end(&meta.refcounts);
+        }
+        // Outside the lock: the guest data's place, and the copy-on-write data.
+        let mut plan = WritePlan {
+            ticket: Some(ticket),
+            ..Default::default()
+        };
+        let fd = self.data_fd();
+        let mut at = offset;
+        for (i, cw) in work.into_iter().enumerate() {
+            let gc = first + i as u64;
+            let end = ((gc + 1) * cs).min(offset + len);
+            super::push_extent(
+                &mut plan.extents,
+                Extent {
+                    len: end - at,
+                    target: Target::Data {
+                        fd,
+                        offset: cw.host + at % cs,
+                    },
+                },
+            );
+            at = end;
+            for p in cw.cow {
+                match self.cow_data(&p) {
+                    Ok(data) => plan.extra.push(ExtraWrite {
+                        fd,
+                        offset: p.to,
+                        data,
+                    }),
+                    Err(e) => {
+                        let _ = self.commit_write(ticket, false);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(Some(plan))
+    }
+
+    /// Forgets reservations of a plan that was abandoned before anything was written.
+    fn undo(meta: &mut Meta, p: &Pending) {
+        for &c in &p.allocated {
+            let _ = meta.refcounts.decrement(c);
+        }
+    }
+
+    /// Plans the write of bytes `a..b` of guest cluster `gc`.
+    fn plan_cluster(
+        &self,
+        meta: &mut Meta,
+        pending: &mut Pending,
+        gc: u64,
+        a: u64,
+        b: u64,
+    ) -> Result<Option<ClusterWork>, BlockError> {
+        let cs = self.cluster_size();
+        let sub = self.sub_size();
+        let n_sub = self.subclusters();
+        let ext = self.header.extended_l2();
+        let Some((table, slot)) = self.owned_table(meta, gc)? else {
+            return Ok(None);
+        };
+        let (entry, bitmap) = {
+            let t = table.read();
+            (t[slot], if ext { t[slot + 1] } else { 0 })
+        };
+        let data_file = self.data_file.is_some();
+        let m = if ext {
+            l2::decode_extended(entry, bitmap, cs, data_file)
+        } else {
+            l2::decode_standard(entry, cs, data_file)
+        }
+        .map_err(|e| self.corrupt(e))?;
+        let guest = gc * cs;
+        let all: u32 = if n_sub == 32 { u32::MAX } else { 1 };
+        let first_sub = (a / sub) as u32;
+        let last_sub = ((b - 1) / sub) as u32;
+        let touched: u32 = (first_sub..=last_sub).fold(0, |acc, i| acc | 1 << i);
+
+        // Which host cluster receives the data, and the old content per subcluster.
+        let (old_host, compressed, old_alloc, old_zero, copied) = match m {
+            L2Mapping::Compressed(d) => (0, Some(d), all, 0, false),
+            L2Mapping::Standard {
+                host,
+                alloc,
+                zero,
+                copied,
+            } => (host, None, alloc, zero, copied),
+        };
+        let reuse = compressed.is_none() && copied && (old_host != 0 || data_file);
+        let (host, fresh) = if data_file {
+            // External data files are addressed by guest offset and not refcounted.
+            (guest, false)
+        } else if reuse {
+            (old_host, false)
+        } else {
+            let c = meta
+                .refcounts
+                .alloc(1)
+                .map_err(|e| BlockError::Io(std::io::Error::other(e)))?;
+            pending.allocated.push(c);
+            // Allocated past the old end: the file reads zeroes there already.
+            (c * cs, c * cs >= self.file_end())
+        };
+        let moving = !reuse && !data_file && (old_host != 0 || compressed.is_some());
+        let state = |i: u32| -> SubState {
+            if old_alloc & (1 << i) != 0 {
+                SubState::Data
+            } else if old_zero & (1 << i) != 0 {
+                SubState::Zero
+            } else {
+                SubState::Unallocated
+            }
+        };
+        let source = |i: u32, from: u64| -> Source {
+            match state(i) {
+                SubState::Zero => Source::Zero,
+                SubState::Unallocated if self.backing.is_some() => Source::Backing(guest + from),
+                SubState::Unallocated => Source::Zero,
+                SubState::Data => match compressed {
+                    Some(d) => Source::Compressed(d, from),
+                    None => Source::Host(old_host + from),
+                },
+            }
+        };
+        let mut cow = Vec::new();
+        let piece = |from: u64, to: u64, src: Source, cow: &mut Vec<CowPiece>| {
+            if to > from && !(fresh && matches!(src, Source::Zero)) {
+                cow.push(CowPiece {
+                    to: host + from,
+                    len: to - from,
+                    from: src,
+                });
+            }
+        };
+        let mut new_alloc = touched;
+        for i in 0..n_sub {
+            let (s0, s1) = (u64::from(i) * sub, u64::from(i + 1) * sub);
+            let in_write = touched & (1 << i) != 0;
+            let keeps_data = state(i) == SubState::Data;
+            if in_write {
+                // Only the uncovered part of a partially written subcluster is copied.
+                if s0 < a {
+                    piece(s0, a.min(s1), source(i, s0), &mut cow);
+                }
+                if b < s1 {
+                    piece(b.max(s0), s1, source(i, b.max(s0)), &mut cow);
+                }
+            } else if keeps_data {
+                new_alloc |= 1 << i;
+                if moving {
+                    piece(s0, s1, source(i, s0), &mut cow);
+                }
+            }
+        }
+        if !ext && new_alloc != 0 {
+            new_alloc = 1;
+        }
+        let new_zero = old_zero & !new_alloc & if ext { u32::MAX } else { 0 };
+        let mut new_entry = host | OFLAG_COPIED;
+        if data_file && !reuse {
+            new_entry = guest | OFLAG_COPIED;
+        }
+        pending.updates.push(Update {
+            table,
+            index: slot,
+            entry: new_entry,
+            bitmap: ext.then_some((u64::from(new_zero) << 32) | u64::from(new_alloc)),
+        });
+        if moving && !data_file {
+            match compressed {
+                Some(d) => {
+                    let (off, clen) = l2::compressed_range(d, self.header.cluster_bits);
+                    for c in off / cs..=(off + clen - 1) / cs {
+                        pending.release.push(c);
+                    }
+                }
+                None => pending.release.push(old_host / cs),
+            }
+        }
+        pending.clusters.push(gc);
+        Ok(Some(ClusterWork { host, cow }))
+    }
+
+    /// Reads the data a copy-on-write piece copies (no locks held).
+    fn cow_data(&self, p: &CowPiece) -> Result<ExtraData, BlockError> {
+        let len = p.len as usize;
+        match p.from {
+            Source::Zero => Ok(ExtraData::Zero(p.len)),
+            Source::Host(off) => {
+                let mut buf = AlignedBuf::new(len, 4096);
+                self.data_file
+                    .as_ref()
+                    .unwrap_or(&self.file)
+                    .read_into(off, buf.as_mut_slice())?;
+                Ok(ExtraData::Bytes(buf))
+            }
+            Source::Compressed(d, from) => {
+                let mut s = Scratch::default();
+                self.read_compressed(d, &mut s)?;
+                let mut buf = AlignedBuf::new(len, 4096);
+                buf.as_mut_slice()
+                    .copy_from_slice(&s.output[from as usize..from as usize + len]);
+                Ok(ExtraData::Bytes(buf))
+            }
+            Source::Backing(guest) => {
+                let mut buf = AlignedBuf::new(len, 4096);
+                self.read_backing_into(guest, buf.as_mut_slice())?;
+                Ok(ExtraData::Bytes(buf))
+            }
+        }
+    }
+
+    /// Reads what the backing chain holds at `guest` into `out`.
+    fn read_backing_into(&self, guest: u64, out: &mut [u8]) -> Result<(), BlockError> {
+        let mut extents = Vec::new();
+        self.read_backing(guest, out.len() as u64, &mut extents)?;
+        let mut at = 0usize;
+        for e in extents {
+            let n = e.len as usize;
+            let dst = &mut out[at..at + n];
+            match e.target {
+                Target::Zero => dst.fill(0),
+                Target::Data { fd, offset } => pread_aligned(fd, offset, dst)?,
+                Target::Compressed {
+                    image,
+                    descriptor,
+                    skip,
+                } => {
+                    let img = self
+                        .at_depth(image)
+                        .ok_or(BlockError::Corrupt("compressed extent of an unknown image"))?;
+                    let mut s = Scratch::default();
+                    img.read_compressed(descriptor, &mut s)?;
+                    dst.copy_from_slice(&s.output[skip as usize..skip as usize + n]);
+                }
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Makes a write visible, or releases what it reserved.
+    pub(super) fn commit_write(&self, ticket: u64, ok: bool) -> Result<(), BlockError> {
+        let w = self.w()?;
+        let mut meta = lock(&w.meta);
+        let Some(p) = meta.pending.remove(&ticket) else {
+            return Err(BlockError::Corrupt("unknown write ticket"));
+        };
+        let mut result = Ok(());
+        if ok {
+            for u in &p.updates {
+                // The planned table may have been evicted (it was clean) and re-read: update
+                // the one the cache holds.
+                let table = self.cache.insert(u.table.clone());
+                let mut t = table.write();
+                t[u.index] = u.entry;
+                if let Some(bm) = u.bitmap {
+                    t[u.index + 1] = bm;
+                }
+            }
+            for &c in &p.release {
+                if let Err(e) = meta.refcounts.decrement(c) {
+                    result = Err(BlockError::Io(std::io::Error::other(e)));
+                }
+            }
+        } else {
+            Self::undo(&mut meta, &p);
+        }
+        for gc in &p.clusters {
+            for waker in meta.inflight.remove(gc).into_iter().flatten() {
+                waker.wake();
+            }
+        }
+        result
+    }
+
+    /// Writes changed metadata back and makes it durable. `close` also writes the refcounts
+    /// (lazy mode) and clears the dirty bit.
+    pub(super) fn write_back(&self, close: bool) -> Result<(), BlockError> {
+        let Some(w) = &self.writable else {
+            return Ok(());
+        };
+        let _wb = w.writeback.lock().unwrap_or_else(PoisonError::into_inner);
+        let eager = !w.lazy;
+        let io = |e: std::io::Error| BlockError::Io(e);
+        // Frees made durable by this write-back (later ones wait for the next).
+        let freed = lock(&w.meta).refcounts.quarantined();
+        if eager {
+            // Refcounts first, with this round's frees not yet applied: new clusters are
+            // accounted for before anything points to them; freed ones stay referenced until
+            // nothing does.
+            let blocks = lock(&w.meta).refcounts.snapshot_blocks(&freed);
+            for (off, bytes) in blocks {
+                self.file.write_at(off, &bytes).map_err(io)?;
+            }
+            self.write_refcount_table(w)?;
+            self.file.file.sync_data().map_err(io)?;
+        }
+        // L2 tables, then the L1 entries that point to new ones.
+        for t in self.cache.dirty_tables() {
+            let bytes = t.take_bytes();
+            if let Err(e) = self.file.write_at(t.offset, &bytes) {
+                t.mark_dirty();
+                return Err(io(e));
+            }
+        }
+        let l1_dirty = std::mem::take(&mut lock(&w.meta).l1_dirty);
+        {
+            let l1 = self
+                .l1
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            for &i in &l1_dirty {
+                self.file
+                    .write_at(
+                        self.header.l1_table_offset + 8 * i as u64,
+                        &l1[i].to_be_bytes(),
+                    )
+                    .map_err(io)?;
+            }
+        }
+        self.file.file.sync_data().map_err(io)?;
+        if let Some(d) = &self.data_file {
+            d.file.sync_data().map_err(io)?;
+        }
+        if eager || close {
+            let blocks = lock(&w.meta).refcounts.take_dirty_blocks();
+            for (off, bytes) in blocks {
+                self.file.write_at(off, &bytes).map_err(io)?;
+            }
+            self.write_refcount_table(w)?;
+            self.file.file.sync_data().map_err(io)?;
+        }
+        lock(&w.meta).refcounts.release(&freed);
+        if close && w.lazy && lock(&w.meta).marked_dirty {
+            self.file
+                .write_durable(OFFSET_INCOMPATIBLE, &self.header.incompatible.to_be_bytes())
+                .map_err(io)?;
+            lock(&w.meta).marked_dirty = false;
+        }
+        Ok(())
+    }
+
+    fn write_refcount_table(&self, w: &Writable) -> Result<(), BlockError> {
+        let (dirty, offset, clusters, bytes) = {
+            let m = lock(&w.meta);
+            (
+                m.refcounts.table_dirty,
+                m.refcounts.table_offset,
+                m.refcounts.table_clusters,
+                m.refcounts.table_bytes(),
+            )
+        };
+        if !dirty {
+            return Ok(());
+        }
+        let io = |e: std::io::Error| BlockError::Io(e);
+        self.file.write_at(offset, &bytes).map_err(io)?;
+        self.file.file.sync_data().map_err(io)?;
+        let mut fields = [0u8; 12];
+        fields[..8].copy_from_slice(&offset.to_be_bytes());
+        fields[8..].copy_from_slice(&clusters.to_be_bytes());
+        self.file.write_durable(48, &fields).map_err(io)?;
+        lock(&w.meta).refcounts.table_written();
+        info!(
+            "{}: refcount table moved to {offset:#x}",
+            self.path.display()
+        );
+        Ok(())
+    }
+
+    /// Discards (`zero`: makes read as zeroes) the (sub)clusters fully inside the range; partial
+    /// ones are left alone for discard and written with zeroes for write-zeroes (in `out` as
+    /// guest ranges). Freed host ranges are appended to `punch`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn discard_range(
+        &self,
+        offset: u64,
+        len: u64,
+        zero: bool,
+        unmap: bool,
+        waker: &Waker,
+        partial: &mut Vec<(u64, u64)>,
+        punch: &mut Vec<HostOp>,
+    ) -> Result<(), BlockError> {
+        let w = self.w()?;
+        let sub = self.sub_size();
+        let v3 = self.header.version >= 3;
+        let has_backing = self.backing.is_some();
+        if !zero && !v3 && has_backing {
+            // Discarding would expose backing data and v2 cannot say "zero": ignore, as QEMU.
+            return Ok(());
+        }
+        // Whole subclusters only; the rest is written with zeroes (write-zeroes) or ignored.
+        let start = offset.next_multiple_of(sub);
+        let end = (offset + len) / sub * sub;
+        if zero {
+            if start > end {
+                partial.push((offset, len));
+                return Ok(());
+            }
+            if start > offset {
+                partial.push((offset, start - offset));
+            }
+            if offset + len > end {
+                partial.push((end, offset + len - end));
+            }
+        }
+        if start >= end {
+            return Ok(());
+        }
+        if !v3 && zero {
+            // No zero flag: write zeroes as data, except where the disk reads zero already.
+            partial.push((start, end - start));
+            return Ok(());
+        }
+        self.mark_dirty()?;
+        for _ in 0..8 {
+            self.preload(start, end - start)?;
+            if self.discard_locked(w, start, end, zero, unmap, waker, punch)? {
+                return Ok(());
+            }
+        }
+        Err(BlockError::Unsupported(
+            "L2 cache too small for this discard",
+        ))
+    }
+
+    /// The metadata part of [`Qcow2Image::discard_range`]; `Ok(false)`: a table was evicted
+    /// since the preload (retry; what was done is idempotent).
+    #[allow(clippy::too_many_arguments)]
+    fn discard_locked(
+        &self,
+        w: &Writable,
+        start: u64,
+        end: u64,
+        zero: bool,
+        unmap: bool,
+        waker: &Waker,
+        punch: &mut Vec<HostOp>,
+    ) -> Result<bool, BlockError> {
+        let cs = self.cluster_size();
+        let sub = self.sub_size();
+        let ext = self.header.extended_l2();
+        let has_backing = self.backing.is_some();
+        let mut meta = lock(&w.meta);
+        let (first, last) = (start / cs, (end - 1) / cs);
+        for gc in first..=last {
+            if let Some(waiters) = meta.inflight.get_mut(&gc) {
+                waiters.push(waker.clone());
+                return Err(BlockError::Busy);
+            }
+        }
+        let data_file = self.data_file.is_some();
+        for gc in first..=last {
+            let a = start.max(gc * cs) - gc * cs;
+            let b = end.min((gc + 1) * cs) - gc * cs;
+            let Some((table, slot)) = self.owned_table(&mut meta, gc)? else {
+                return Ok(false);
+            };
+            let mut t = table.write();
+            let (entry, bitmap) = (t[slot], if ext { t[slot + 1] } else { 0 });
+            let m = if ext {
+                l2::decode_extended(entry, bitmap, cs, data_file)
+            } else {
+                l2::decode_standard(entry, cs, data_file)
+            }
+            .map_err(|e| self.corrupt(e))?;
+            let n_sub = self.subclusters();
+            let covered: u32 = ((a / sub) as u32..(b / sub) as u32).fold(0, |acc, i| acc | 1 << i);
+            let all: u32 = if n_sub == 32 { u32::MAX } else { 1 };
+            // The covered part reads zeroes afterwards: a zero flag where a backing file would
+            // show through (always for write-zeroes without unmap), unallocated otherwise.
+            let make_zero = has_backing || (zero && !unmap);
+            let (host, alloc, zflags, compressed) = match m {
+                L2Mapping::Compressed(d) => (0, all, 0, Some(d)),
+                L2Mapping::Standard {
+                    host, alloc, zero, ..
+                } => (host, alloc, zero, None),
+            };
+            let new_alloc = alloc & !covered;
+            let new_zero = if make_zero {
+                (zflags | covered) & all
+            } else {
+                zflags & !covered
+            };
+            let keep_host = new_alloc != 0 || (zero && !unmap && compressed.is_none() && host != 0);
+            let new_entry = if ext {
+                if keep_host {
+                    entry
+                } else {
+                    0
+                }
+            } else if make_zero {
+                OFLAG_ZERO
+                    | if keep_host {
+                        entry & (OFFSET_MASK | OFLAG_COPIED)
+                    } else {
+                        0
+                    }
+            } else {
+                0
+            };
+            t[slot] = new_entry;
+            if ext {
+                t[slot + 1] = (u64::from(new_zero) << 32) | u64::from(new_alloc);
+            }
+            drop(t);
+            if !keep_host && !data_file {
+                match compressed {
+                    Some(d) => {
+                        let (off, clen) = l2::compressed_range(d, self.header.cluster_bits);
+                        for c in off / cs..=(off + clen - 1) / cs {
+                            let _ = meta.refcounts.decrement(c);
+                        }
+                    }
+                    None if host != 0 => {
+                        let shared = meta.refcounts.get(host / cs) > 1;
+                        let _ = meta.refcounts.decrement(host / cs);
+                        if unmap && !shared {
+                            punch.push(HostOp::Discard {
+                                fd: self.data_fd(),
+                                offset: host,
+                                len: cs,
+                            });
+                        }
+                    }
+                    None => {}
+                }
+            }
+        }
+        self.grow_end(&meta.refcounts);
+        Ok(true)
+    }
+}
+
+/// Reads `out.len()` bytes at `offset` of `fd` through an aligned buffer (O_DIRECT-safe).
+fn pread_aligned(fd: RawFd, offset: u64, out: &mut [u8]) -> Result<(), BlockError> {
+    const ALIGN: u64 = 4096;
+    let start = offset - offset % ALIGN;
+    let end = (offset + out.len() as u64).next_multiple_of(ALIGN);
+    let mut buf = AlignedBuf::new((end - start) as usize, ALIGN as usize);
+    let mut op = crate::io::IoOp {
+        fd,
+        offset: start,
+        kind: crate::io::OpKind::Read,
+        iov: vec![libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }],
+        tag: 0,
+    };
+    let r = crate::io::sys::execute(&mut op);
+    if r < 0 {
+        return Err(BlockError::Io(std::io::Error::from_raw_os_error(-r)));
+    }
+    let skip = (offset - start) as usize;
+    out.copy_from_slice(&buf.as_slice()[skip..skip + out.len()]);
+    Ok(())
+}
