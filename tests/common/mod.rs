@@ -67,6 +67,8 @@ impl Daemon {
     pub fn start(dir: &Path, image: &Path, extra: &[&str]) -> Daemon {
         let socket = dir.join(format!("vub-{}.sock", std::process::id()));
         let log = dir.join("daemon.log");
+        // A daemon killed before may have left its socket behind.
+        let _ = std::fs::remove_file(&socket);
         let child = Command::new(BIN)
             .arg("--socket-path")
             .arg(&socket)

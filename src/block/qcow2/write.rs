@@ -823,6 +823,15 @@ impl Qcow2Image {
                 t[slot + 1] = (u64::from(new_zero) << 32) | u64::from(new_alloc);
             }
             drop(t);
+            if self.header.data_file_raw() {
+                // The raw data file must stay a faithful image of the disk.
+                punch.push(HostOp::Zero {
+                    fd: self.data_fd(),
+                    offset: gc * cs + a,
+                    len: b - a,
+                    unmap,
+                });
+            }
             if !keep_host && !data_file {
                 match compressed {
                     Some(d) => {
