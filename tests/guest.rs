@@ -47,17 +47,38 @@ poweroff -f
 
 #[test]
 fn linux_guest_makes_checks_and_remounts_ext4() {
+    run_guest(false);
+}
+
+#[test]
+fn linux_guest_on_a_qcow2_image_with_subclusters() {
+    run_guest(true);
+}
+
+fn run_guest(qcow2: bool) {
     if std::env::var_os("VHOST_BLK_SKIP_GUEST").is_some() {
         eprintln!("VHOST_BLK_SKIP_GUEST set: guest test skipped");
         return;
     }
     let kit = GuestKit::find();
     let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(128 << 20)
-        .unwrap();
+    let (img, format) = if qcow2 {
+        let img = dir.path().join("disk.qcow2");
+        let st = Command::new(common::BIN)
+            .args(["create", img.to_str().unwrap(), "128M", "--extended-l2"])
+            .args(["--cluster-size", "128K"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        (img, "qcow2")
+    } else {
+        let img = dir.path().join("disk.raw");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(128 << 20)
+            .unwrap();
+        (img, "raw")
+    };
     let initrd = dir.path().join("initrd.cpio");
     kit.initramfs(INIT, &initrd);
 
@@ -66,7 +87,7 @@ fn linux_guest_makes_checks_and_remounts_ext4() {
         &img,
         &[
             "--format",
-            "raw",
+            format,
             "--num-queues",
             "2",
             "--serial",
@@ -126,7 +147,25 @@ fn linux_guest_makes_checks_and_remounts_ext4() {
     let log = d.log_text();
     assert!(d.stop().success(), "{log}");
 
-    // The host sees a clean file system holding the same data.
+    // The host sees a clean image and file system holding the same data.
+    let img = if qcow2 {
+        assert_eq!(
+            common::qemu::qemu_check(&img),
+            0,
+            "qemu-img check after the guest"
+        );
+        let raw = dir.path().join("converted.raw");
+        let st = Command::new("qemu-img")
+            .args(["convert", "-O", "raw"])
+            .arg(&img)
+            .arg(&raw)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        raw
+    } else {
+        img
+    };
     let fsck = Command::new("e2fsck")
         .arg("-fn")
         .arg(&img)

@@ -250,6 +250,27 @@ const CASES: &[Case] = &[
         extra: &[],
     },
     Case {
+        name: "created-by-us",
+        make: |d| {
+            let st = Command::new(common::BIN)
+                .current_dir(d)
+                .args([
+                    "create",
+                    "img.qcow2",
+                    "16M",
+                    "--extended-l2",
+                    "--cluster-size",
+                    "128K",
+                ])
+                .status()
+                .unwrap();
+            assert!(st.success());
+        },
+        cs: 128 << 10,
+        discard_keeps: false,
+        extra: &[],
+    },
+    Case {
         name: "o-direct",
         make: |d| img(d, "extended_l2=on", 16 * MIB),
         cs: 65536,

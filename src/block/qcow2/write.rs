@@ -760,6 +760,7 @@ impl Qcow2Image {
         let sub = self.sub_size();
         let ext = self.header.extended_l2();
         let has_backing = self.backing.is_some();
+        let mut holes = Vec::new();
         let mut meta = lock(&w.meta);
         let (first, last) = (start / cs, (end - 1) / cs);
         for gc in first..=last {
@@ -769,9 +770,18 @@ impl Qcow2Image {
             }
         }
         let data_file = self.data_file.is_some();
+        let per = self.header.l2_entries();
         for gc in first..=last {
             let a = start.max(gc * cs) - gc * cs;
             let b = end.min((gc + 1) * cs) - gc * cs;
+            // Without a backing file an unallocated area reads zeroes already: leave it alone
+            // (no L2 table is created just to say so).
+            if !has_backing
+                && !self.header.data_file_raw()
+                && self.l1_entry((gc / per) as usize) == 0
+            {
+                continue;
+            }
             let Some((table, slot)) = self.owned_table(&mut meta, gc)? else {
                 return Ok(false);
             };
@@ -844,11 +854,7 @@ impl Qcow2Image {
                         let shared = meta.refcounts.get(host / cs) > 1;
                         let _ = meta.refcounts.decrement(host / cs);
                         if unmap && !shared {
-                            punch.push(HostOp::Discard {
-                                fd: self.data_fd(),
-                                offset: host,
-                                len: cs,
-                            });
+                            holes.push(host);
                         }
                     }
                     None => {}
@@ -856,6 +862,23 @@ impl Qcow2Image {
             }
         }
         self.grow_end(&meta.refcounts);
+        drop(meta);
+        // Give freed clusters back to the host file system now, before the request completes: a
+        // later flush may hand them to a new allocation, which must not race with a punch.
+        for host in holes {
+            let mut op = crate::io::IoOp {
+                fd: self.data_fd(),
+                offset: host,
+                kind: crate::io::OpKind::Fallocate {
+                    mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    len: cs,
+                },
+                iov: Vec::new(),
+                tag: 0,
+            };
+            // Advisory: a file system without hole punching keeps the space.
+            let _ = crate::io::sys::execute(&mut op);
+        }
         Ok(true)
     }
 }
