@@ -62,6 +62,9 @@ pub fn run(config: Config) -> Result<(), Error> {
         }
     };
     let flushed = backend.sync().map_err(Error::Flush);
+    if let Listen::Path(path) = &config.listen {
+        let _ = fs::remove_file(path);
+    }
     result.and(flushed)
 }
 
@@ -142,10 +145,26 @@ fn listen(listen: &Listen) -> Result<Listener, Error> {
     match listen {
         Listen::Path(path) => {
             remove_stale_socket(path)?;
-            Listener::new(path, false).map_err(|e| Error::Listen {
+            // Bind under a temporary name and rename once listening, so that a client never
+            // finds the socket before it accepts connections.
+            let tmp = path.with_file_name(format!(
+                ".{}.{}.tmp",
+                path.file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("socket"),
+                std::process::id()
+            ));
+            let _ = fs::remove_file(&tmp);
+            let err = |source| Error::Listen {
                 path: path.clone(),
-                source: std::io::Error::other(e.to_string()),
-            })
+                source,
+            };
+            let listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(err)?;
+            if let Err(e) = fs::rename(&tmp, path) {
+                let _ = fs::remove_file(&tmp);
+                return Err(err(e));
+            }
+            Ok(Listener::from(listener))
         }
         Listen::Fd(fd) => {
             check_listening_socket(*fd).map_err(|reason| Error::InheritedFd { fd: *fd, reason })?;

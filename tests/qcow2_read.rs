@@ -365,7 +365,9 @@ fn writable_open_serves_reads_and_writes() {
     let d = Daemon::start(dir.path(), &img, &["--format", "qcow2"]);
     let mut c = Client::connect(d.path(), 1, false).unwrap();
     // Allocated clusters are overwritten in place.
-    c.write(0, 8 * 65536 + 512, &[0xee; 8192]).unwrap();
+    if let Err(e) = c.write(0, 8 * 65536 + 512, &[0xee; 8192]) {
+        panic!("in-place write: {e}\n{}", d.log_text());
+    }
     expect[8 * 65536 + 512..8 * 65536 + 512 + 8192].fill(0xee);
     // Allocating writes work too.
     c.write(0, 30 * MIB, &[1; 4096]).unwrap();

@@ -501,22 +501,48 @@ fn queues_racing_on_the_same_clusters() {
                 c.buf()[at..at + 4096].fill(fill);
             }
         }
-        std::thread::scope(|s| {
-            for ((q, queue), ws) in c.queues.iter_mut().enumerate().zip(&writes) {
-                s.spawn(move || {
-                    for (ci, batch) in ws.chunks(8).enumerate() {
-                        for (j, &(off, _)) in batch.iter().enumerate() {
-                            let idx = ci * 8 + j;
-                            let buf = region + (q * 64 + idx) * 4096;
-                            queue.write(off, buf as *const u8, 4096, idx, blkio::ReqFlags::empty());
+        let errors: Vec<i32> = std::thread::scope(|s| {
+            let handles: Vec<_> = c
+                .queues
+                .iter_mut()
+                .enumerate()
+                .zip(&writes)
+                .map(|((q, queue), ws)| {
+                    s.spawn(move || {
+                        let mut errors = Vec::new();
+                        for (ci, batch) in ws.chunks(8).enumerate() {
+                            for (j, &(off, _)) in batch.iter().enumerate() {
+                                let idx = ci * 8 + j;
+                                let buf = region + (q * 64 + idx) * 4096;
+                                queue.write(
+                                    off,
+                                    buf as *const u8,
+                                    4096,
+                                    idx,
+                                    blkio::ReqFlags::empty(),
+                                );
+                            }
+                            for _ in batch {
+                                let r = Client::complete(queue).1;
+                                if r != 0 {
+                                    errors.push(r);
+                                }
+                            }
                         }
-                        for _ in batch {
-                            assert_eq!(Client::complete(queue).1, 0);
-                        }
-                    }
-                });
-            }
+                        errors
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .collect()
         });
+        assert!(
+            errors.is_empty(),
+            "{opts}: writes failed {errors:?}\n{}",
+            daemon.log_text()
+        );
         c.flush(0).unwrap();
         let got = c.read(0, 0, (blocks * 4096) as usize).unwrap();
         drop(c);
@@ -539,7 +565,9 @@ fn queues_racing_on_the_same_clusters() {
                     || (fills.is_empty() && sector == &base[at..at + 512]);
                 assert!(
                     ok,
-                    "{opts}: block {b} sector {s} holds something no write put there"
+                    "{opts}: block {b} sector {s} holds something no write put there: {:02x?} (writes {fills:02x?}; base {:02x?})",
+                    &sector[..8],
+                    &base[at..at + 8]
                 );
             }
         }

@@ -453,7 +453,10 @@ impl Qcow2Image {
             let (s0, s1) = (u64::from(i) * sub, u64::from(i + 1) * sub);
             let in_write = touched & (1 << i) != 0;
             let keeps_data = state(i) == SubState::Data;
-            if in_write {
+            if in_write && reuse && keeps_data {
+                // Already allocated in the cluster that takes the write: nothing to copy (a
+                // copy of the cluster onto itself would race with in-place writes).
+            } else if in_write {
                 // Only the uncovered part of a partially written subcluster is copied.
                 if s0 < a {
                     piece(s0, a.min(s1), source(i, s0), &mut cow);
