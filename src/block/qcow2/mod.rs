@@ -7,6 +7,7 @@
 //! where it is needed (subcluster-aware with extended L2), metadata made visible after the data
 //! is written, written back at flush, with lazy refcounts by default.
 
+pub mod bitmaps;
 pub mod cache;
 pub mod check;
 pub mod compress;
@@ -25,7 +26,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use log::{error, info, warn};
 
 use self::cache::{L2Cache, L2Table};
-use self::header::{Header, AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, OFFSET_AUTOCLEAR};
+use self::header::{Header, AUTOCLEAR_KNOWN, OFFSET_AUTOCLEAR};
 use self::l2::{L2Mapping, SubState};
 use super::file::ImageFile;
 use super::{
@@ -205,19 +206,12 @@ impl Qcow2Image {
         Ok(img)
     }
 
-    /// On a writable open, clears autoclear bits we do not maintain: unknown ones (spec rule)
-    /// and the bitmaps bit (we do not update persistent bitmaps, so they become inconsistent).
+    /// On a writable open, clears the autoclear bits we do not know (spec rule).
     fn clear_autoclear(&mut self) -> Result<(), OpenError> {
         let h = &self.header;
-        let clear = h.autoclear & (!AUTOCLEAR_KNOWN | AUTOCLEAR_BITMAPS);
+        let clear = h.autoclear & !AUTOCLEAR_KNOWN;
         if h.version < 3 || clear == 0 {
             return Ok(());
-        }
-        if clear & AUTOCLEAR_BITMAPS != 0 {
-            warn!(
-                "{}: persistent dirty bitmaps are not maintained; marking them inconsistent",
-                self.path.display()
-            );
         }
         let value = h.autoclear & !clear;
         self.file
@@ -258,6 +252,44 @@ impl Qcow2Image {
             lazy,
             self.header.cluster_bits,
         ));
+        if self.header.bitmaps.is_some() {
+            self.drop_bitmaps()?;
+        }
+        Ok(())
+    }
+
+    /// Removes persistent bitmaps we cannot keep up to date: header extension, autoclear bit
+    /// and clusters.
+    fn drop_bitmaps(&mut self) -> Result<(), OpenError> {
+        let io = |source| OpenError::Read {
+            path: self.path.clone(),
+            source,
+        };
+        let clusters = bitmaps::clusters(&self.file, &self.header).map_err(io)?;
+        let cs = self.cluster_size();
+        let head = self.file.read_at(0, cs as usize).map_err(io)?;
+        let new_head = bitmaps::header_without_bitmaps(&head, &self.header);
+        // A crash after this is repaired like any other (lazy refcounts): leaked clusters.
+        self.mark_dirty_for_open().map_err(|e| OpenError::Refused {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?;
+        self.file.write_durable(0, &new_head).map_err(io)?;
+        let dirty = self.header.incompatible;
+        self.header =
+            Header::parse(&new_head, self.file.size).map_err(|source| OpenError::Qcow2 {
+                path: self.path.clone(),
+                source,
+            })?;
+        // The new header carries the on-disk incompatible bits (the dirty bit just set); keep
+        // the clean value to restore at close.
+        self.header.incompatible = dirty;
+        self.free_clusters(&clusters);
+        warn!(
+            "{}: persistent dirty bitmaps are not supported; removed them ({} clusters freed)",
+            self.path.display(),
+            clusters.iter().map(|c| c.1).sum::<u64>()
+        );
         Ok(())
     }
 

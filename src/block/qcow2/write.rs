@@ -144,6 +144,23 @@ impl Qcow2Image {
         Ok(())
     }
 
+    /// [`Qcow2Image::mark_dirty`] for use at open.
+    pub(super) fn mark_dirty_for_open(&self) -> Result<(), BlockError> {
+        self.mark_dirty()
+    }
+
+    /// Drops one reference to each cluster of these (first, count) runs.
+    pub(super) fn free_clusters(&self, runs: &[(u64, u64)]) {
+        if let Some(w) = &self.writable {
+            let mut meta = lock(&w.meta);
+            for &(first, n) in runs {
+                for c in first..first + n {
+                    let _ = meta.refcounts.decrement(c);
+                }
+            }
+        }
+    }
+
     /// Loads the L2 tables covering `offset..offset+len` into the cache (before taking locks).
     fn preload(&self, offset: u64, len: u64) -> Result<(), BlockError> {
         let cs = self.cluster_size();
