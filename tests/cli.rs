@@ -55,6 +55,11 @@ fn help_lists_every_flag() {
         "--logical-block-size",
         "--discard",
         "--print-capabilities",
+        "--l2-cache-size",
+        "--lazy-refcounts",
+        "info",
+        "check",
+        "create",
     ] {
         assert!(text.contains(flag), "--help lacks {flag}");
     }
