@@ -3,12 +3,11 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::process::Command;
 
 use common::qemu::{qemu_check, qemu_io, qemu_raw, sh};
-use common::BIN;
+use common::{be64, put, BIN};
 
 /// Runs a tool subcommand in `dir`; returns (exit code, stdout).
 fn tool(dir: &Path, args: &[&str]) -> (i32, String) {
@@ -68,20 +67,6 @@ fn agree(dir: &Path, img: &str) -> i32 {
         );
     }
     ours
-}
-
-fn be64(p: &Path, at: u64) -> u64 {
-    let mut b = [0u8; 8];
-    std::fs::File::open(p)
-        .unwrap()
-        .read_exact_at(&mut b, at)
-        .unwrap();
-    u64::from_be_bytes(b)
-}
-
-fn put(p: &Path, at: u64, bytes: &[u8]) {
-    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
-    f.write_all_at(bytes, at).unwrap();
 }
 
 /// File offset of the 16-bit refcount of `cluster` (refcount block 0 must cover it).

@@ -3,39 +3,15 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::qemu::{qemu_io, sh};
-use common::{Client, Daemon, BIN};
+use common::{be32, be64, put, Client, Daemon, BIN};
 
 const MIB: u64 = 1 << 20;
 const EIO: i32 = -libc::EIO;
-
-fn be32(p: &Path, at: u64) -> u32 {
-    let mut b = [0u8; 4];
-    std::fs::File::open(p)
-        .unwrap()
-        .read_exact_at(&mut b, at)
-        .unwrap();
-    u32::from_be_bytes(b)
-}
-
-fn be64(p: &Path, at: u64) -> u64 {
-    let mut b = [0u8; 8];
-    std::fs::File::open(p)
-        .unwrap()
-        .read_exact_at(&mut b, at)
-        .unwrap();
-    u64::from_be_bytes(b)
-}
-
-fn put(p: &Path, at: u64, bytes: &[u8]) {
-    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
-    f.write_all_at(bytes, at).unwrap();
-}
 
 fn put32(p: &Path, at: u64, v: u32) {
     put(p, at, &v.to_be_bytes());

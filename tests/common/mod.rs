@@ -262,3 +262,23 @@ pub fn file_range(path: &Path, offset: u64, len: usize) -> Vec<u8> {
         .unwrap();
     v
 }
+
+/// Big-endian u32 at `at` in a file (for patching images).
+pub fn be32(p: &Path, at: u64) -> u32 {
+    let mut b = [0u8; 4];
+    File::open(p).unwrap().read_exact_at(&mut b, at).unwrap();
+    u32::from_be_bytes(b)
+}
+
+/// Big-endian u64 at `at` in a file.
+pub fn be64(p: &Path, at: u64) -> u64 {
+    let mut b = [0u8; 8];
+    File::open(p).unwrap().read_exact_at(&mut b, at).unwrap();
+    u64::from_be_bytes(b)
+}
+
+/// Overwrites bytes at `at` in a file.
+pub fn put(p: &Path, at: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+    f.write_all_at(bytes, at).unwrap();
+}
