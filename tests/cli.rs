@@ -200,7 +200,9 @@ fn sigterm_and_sigint_exit_promptly_idle_and_connected() {
         // With a front-end connected and I/O in flight.
         let mut d = Daemon::start(dir.path(), &img, &["--format", "raw"]);
         let mut c = Client::connect(d.path(), 1, false).unwrap();
-        c.write(0, 0, &[7; 4096]).unwrap();
+        if let Err(e) = c.write(0, 0, &[7; 4096]) {
+            panic!("write failed ({e}):\n{}", d.log_text());
+        }
         let p = c.ptr(0);
         c.queues[0].read(0, p, 1 << 20, 1, blkio::ReqFlags::empty());
         signal(&d.child, sig);

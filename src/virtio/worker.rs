@@ -7,6 +7,7 @@
 
 use std::io;
 use std::sync::Arc;
+use std::time::Instant;
 
 use log::{debug, info};
 use vhost_user_backend::{VringRwLock, VringT};
@@ -31,6 +32,9 @@ pub type GuestMem = GuestMemoryMmap<()>;
 pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
 /// A virtqueue as vhost-user-backend hands it to us.
 pub type Vring = VringRwLock<GuestMemAtomic>;
+
+/// How long a queue polls its ring for more requests before going back to sleep.
+const POLL: std::time::Duration = std::time::Duration::from_micros(20);
 
 /// Size of the O_DIRECT bounce buffer used for misaligned guest buffers.
 const BOUNCE_LEN: usize = 1 << 20;
@@ -169,25 +173,62 @@ impl QueueWorker {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
-        let mem = self.mem.memory().into_inner();
+        let mut deadline = None;
         loop {
-            if event_idx {
-                let _ = vring.disable_notification();
-            }
+            // A fresh look at the memory map for every batch: the front-end may have added a
+            // region (ADD_MEM_REG) while we polled.
+            let mem = self.mem.memory().into_inner();
             loop {
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
-                let Some(chain) = chain else { break };
-                self.start(chain, &mem);
+                if event_idx {
+                    let _ = vring.disable_notification();
+                }
+                loop {
+                    let chain = vring
+                        .get_mut()
+                        .get_queue_mut()
+                        .pop_descriptor_chain(mem.clone());
+                    let Some(chain) = chain else { break };
+                    self.start(chain, &mem);
+                }
+                if !event_idx || !matches!(vring.enable_notification(), Ok(true)) {
+                    break;
+                }
             }
-            if !event_idx || !matches!(vring.enable_notification(), Ok(true)) {
+            self.engine.submit();
+            // Page-cache hits often complete during the submit itself: finish them now rather
+            // than after another trip through epoll. Reaping consumes the eventfd, which also
+            // carries wake-ups for parked requests: retry those too.
+            self.engine.reap(&mut self.completions);
+            self.handle_completions();
+            self.retry_parked();
+            self.engine.submit();
+            self.publish(vring);
+            // Poll the ring briefly before sleeping: a driver that keeps the queue busy then
+            // needs no kick and we no wake-up (notifications stay enabled meanwhile).
+            let until = *deadline.get_or_insert_with(|| Instant::now() + POLL);
+            if !event_idx || !self.wait_for_avail(vring, &mem, until) {
                 break;
             }
+            deadline = Some(Instant::now() + POLL);
         }
-        self.engine.submit();
-        self.publish(vring);
+    }
+
+    /// Spins until the driver makes a chain available or `until` passes.
+    fn wait_for_avail(&self, vring: &Vring, mem: &GuestMem, until: Instant) -> bool {
+        loop {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            if let Ok(avail) = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
+                if avail.0 != q.next_avail() {
+                    return true;
+                }
+            }
+            drop(state);
+            if Instant::now() >= until {
+                return false;
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Handles the engine's eventfd: completes requests whose operations are all done, and
@@ -224,8 +265,16 @@ impl QueueWorker {
         }
     }
 
-    fn start(&mut self, chain: DescriptorChain<Arc<GuestMem>>, mem: &Arc<GuestMem>) {
+    fn start(&mut self, chain: DescriptorChain<Arc<GuestMem>>, popped_with: &Arc<GuestMem>) {
         let head = chain.head_index();
+        // The map current now: a region the driver added just before making this chain available
+        // may be missing from the one the chain was popped with.
+        let latest = self.mem.memory().into_inner();
+        let mem = if Arc::ptr_eq(&latest, popped_with) {
+            popped_with
+        } else {
+            &latest
+        };
         let req = match request::parse(chain, &**mem, self.settings.max_descriptors()) {
             Ok(r) => r,
             Err(ParseError::NoStatus) => {
