@@ -50,7 +50,7 @@ pub struct Refcounts {
     free_hint: u64,
     /// Clusters freed since the last metadata write-back: not reused before it, so that a crash
     /// never leaves an old mapping pointing at reused data.
-    quarantine: Vec<u64>,
+    quarantine: HashSet<u64>,
     /// Only allocate at the end of the file (during repair, when free-looking clusters may be
     /// referenced).
     pub append_only: bool,
@@ -111,7 +111,7 @@ impl Refcounts {
             table_dirty: false,
             end: file_clusters,
             free_hint: 0,
-            quarantine: Vec::new(),
+            quarantine: HashSet::new(),
             append_only: false,
         };
         // Preallocated or leaked clusters may have refcounts past the end of the file.
@@ -135,7 +135,7 @@ impl Refcounts {
             table_dirty: true,
             end,
             free_hint: 0,
-            quarantine: Vec::new(),
+            quarantine: HashSet::new(),
             append_only: true,
         }
     }
@@ -278,36 +278,30 @@ impl Refcounts {
         Ok(first)
     }
 
-    fn find_free(&self, n: u64) -> Option<u64> {
-        let q: HashSet<u64> = self.quarantine.iter().copied().collect();
+    /// The first run of `n` free clusters at or after the hint. Every cluster below the hint is
+    /// in use (frees lower the hint), so a failed search moves the hint to the end: appending
+    /// then costs nothing.
+    fn find_free(&mut self, n: u64) -> Option<u64> {
         let mut run = 0;
-        let mut c = self.free_hint;
-        // One pass from the hint to the end, then from the start (bounded by the file size).
-        let mut wrapped = false;
-        loop {
-            if c >= self.end {
-                if wrapped {
-                    return None;
-                }
-                wrapped = true;
-                c = 0;
-                run = 0;
-                continue;
-            }
-            if wrapped && c >= self.free_hint + n {
-                return None;
-            }
-            // Cluster 0 is the header; never hand it out.
-            if c != 0 && self.get(c) == 0 && !q.contains(&c) {
+        let mut c = self.free_hint.max(1);
+        let mut first_busy_free = None;
+        while c < self.end {
+            if self.get(c) == 0 && !self.quarantine.contains(&c) {
                 run += 1;
                 if run == n {
                     return Some(c + 1 - n);
                 }
             } else {
+                if self.get(c) == 0 {
+                    // Free but quarantined: the hint must not move past it.
+                    first_busy_free.get_or_insert(c);
+                }
                 run = 0;
             }
             c += 1;
         }
+        self.free_hint = first_busy_free.unwrap_or(self.end - run);
+        None
     }
 
     /// Drops one reference to `cluster`; a cluster reaching zero is quarantined until the next
@@ -319,7 +313,7 @@ impl Refcounts {
         }
         self.set(cluster, v - 1)?;
         if v == 1 {
-            self.quarantine.push(cluster);
+            self.quarantine.insert(cluster);
         }
         Ok(())
     }
@@ -340,7 +334,7 @@ impl Refcounts {
 
     /// Clusters freed and not yet released.
     pub fn quarantined(&self) -> Vec<u64> {
-        self.quarantine.clone()
+        self.quarantine.iter().copied().collect()
     }
 
     /// Releases these quarantined clusters (their frees are durable now).
@@ -348,8 +342,9 @@ impl Refcounts {
         if clusters.is_empty() {
             return;
         }
-        let done: HashSet<u64> = clusters.iter().copied().collect();
-        self.quarantine.retain(|c| !done.contains(c));
+        for c in clusters {
+            self.quarantine.remove(c);
+        }
         if let Some(&min) = clusters.iter().min() {
             self.free_hint = self.free_hint.min(min);
         }
