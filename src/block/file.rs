@@ -8,6 +8,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use super::{CacheMode, OpenError};
+use crate::io::{sys, IoOp, OpKind};
 use crate::util::aligned::AlignedBuf;
 
 /// Bytes read from the start of an image for probing.
@@ -94,13 +95,7 @@ impl ImageFile {
             return pread_full(self.file.as_raw_fd(), buf, offset);
         }
         let align = self.offset_align.max(self.mem_align as u64);
-        let start = offset - offset % align;
-        let end = (offset + buf.len() as u64).next_multiple_of(align);
-        let mut tmp = AlignedBuf::new((end - start) as usize, self.mem_align.max(512));
-        pread_full(self.file.as_raw_fd(), tmp.as_mut_slice(), start)?;
-        let skip = (offset - start) as usize;
-        buf.copy_from_slice(&tmp.as_slice()[skip..skip + buf.len()]);
-        Ok(())
+        read_aligned(self.file.as_raw_fd(), offset, buf, align)
     }
 
     /// Reads `len` bytes at `offset` into a new buffer (see [`ImageFile::read_into`]).
@@ -136,62 +131,61 @@ impl ImageFile {
     }
 }
 
-fn pread_full(fd: libc::c_int, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
-        let n = unsafe {
-            libc::pread(
-                fd,
-                rest.as_mut_ptr().cast(),
-                rest.len(),
-                (offset + done as u64) as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            // End of file: the rest reads as zeroes.
-            rest.fill(0);
-            return Ok(());
-        }
-        done += n as usize;
-    }
+/// Fills `buf` from `offset` of `fd` through a buffer aligned to `align` in memory, offset and
+/// length: safe whether or not the file was opened with O_DIRECT.
+pub fn read_aligned(
+    fd: libc::c_int,
+    offset: u64,
+    buf: &mut [u8],
+    align: u64,
+) -> std::io::Result<()> {
+    let start = offset - offset % align;
+    let end = (offset + buf.len() as u64).next_multiple_of(align);
+    let mut tmp = AlignedBuf::new((end - start) as usize, align.max(512) as usize);
+    pread_full(fd, tmp.as_mut_slice(), start)?;
+    let skip = (offset - start) as usize;
+    buf.copy_from_slice(&tmp.as_slice()[skip..skip + buf.len()]);
     Ok(())
 }
 
-fn pwrite_full(fd: libc::c_int, buf: &[u8], offset: u64) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &buf[done..];
-        // SAFETY: `rest` is a valid readable buffer of `rest.len()` bytes.
-        let n = unsafe {
-            libc::pwrite(
-                fd,
-                rest.as_ptr().cast(),
-                rest.len(),
-                (offset + done as u64) as libc::off_t,
-            )
-        };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        done += n as usize;
+/// One blocking transfer of a whole buffer through the I/O layer's system-call path (short
+/// transfers finished, EINTR retried, reads past the end of the file give zeroes).
+fn transfer(
+    fd: libc::c_int,
+    ptr: *mut u8,
+    len: usize,
+    offset: u64,
+    kind: OpKind,
+) -> std::io::Result<()> {
+    let mut op = IoOp {
+        fd,
+        offset,
+        kind,
+        iov: vec![libc::iovec {
+            iov_base: ptr.cast(),
+            iov_len: len,
+        }],
+        tag: 0,
+    };
+    match sys::execute(&mut op) {
+        0 => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(-e)),
     }
-    Ok(())
+}
+
+fn pread_full(fd: libc::c_int, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    transfer(fd, buf.as_mut_ptr(), buf.len(), offset, OpKind::Read)
+}
+
+fn pwrite_full(fd: libc::c_int, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    // Writes only read from the buffer.
+    transfer(
+        fd,
+        buf.as_ptr() as *mut u8,
+        buf.len(),
+        offset,
+        OpKind::Write,
+    )
 }
 
 /// O_DIRECT alignment from `statx(STATX_DIOALIGN)`, or a conservative 4096 where the kernel or

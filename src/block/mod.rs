@@ -428,6 +428,14 @@ pub fn open(opts: &OpenOptions) -> Result<Arc<dyn BlockBackend>, OpenError> {
     )))
 }
 
+/// Checks that a range may be written: the image is writable and the range inside the disk.
+pub fn check_writable(info: &BackendInfo, offset: u64, len: u64) -> Result<(), BlockError> {
+    if info.read_only {
+        return Err(BlockError::ReadOnly);
+    }
+    check_range(offset, len, info.size)
+}
+
 /// Checks a range against a disk size without overflowing.
 pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), BlockError> {
     match offset.checked_add(len) {

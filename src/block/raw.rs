@@ -45,10 +45,7 @@ impl RawBackend {
     }
 
     fn check_write(&self, offset: u64, len: u64) -> Result<(), BlockError> {
-        if self.info.read_only {
-            return Err(BlockError::ReadOnly);
-        }
-        check_range(offset, len, self.info.size)
+        super::check_writable(&self.info, offset, len)
     }
 }
 

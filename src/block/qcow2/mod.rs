@@ -739,10 +739,7 @@ impl BlockBackend for Qcow2Backend {
     }
 
     fn begin_write(&self, offset: u64, len: u64, waker: &Waker) -> Result<WritePlan, BlockError> {
-        if self.info.read_only {
-            return Err(BlockError::ReadOnly);
-        }
-        super::check_range(offset, len, self.info.size)?;
+        super::check_writable(&self.info, offset, len)?;
         if len == 0 {
             return Ok(WritePlan::default());
         }
@@ -769,10 +766,7 @@ impl BlockBackend for Qcow2Backend {
         waker: &Waker,
         out: &mut Vec<HostOp>,
     ) -> Result<(), BlockError> {
-        if self.info.read_only {
-            return Err(BlockError::ReadOnly);
-        }
-        super::check_range(offset, len, self.info.size)?;
+        super::check_writable(&self.info, offset, len)?;
         let mut partial = Vec::new();
         self.top
             .discard_range(offset, len, false, unmap_host, waker, &mut partial, out)
@@ -786,10 +780,7 @@ impl BlockBackend for Qcow2Backend {
         waker: &Waker,
         out: &mut Vec<HostOp>,
     ) -> Result<(), BlockError> {
-        if self.info.read_only {
-            return Err(BlockError::ReadOnly);
-        }
-        super::check_range(offset, len, self.info.size)?;
+        super::check_writable(&self.info, offset, len)?;
         let mut partial = Vec::new();
         self.top
             .discard_range(offset, len, true, unmap, waker, &mut partial, out)?;

@@ -8,7 +8,6 @@
 //! never blocks lookups or the data path.
 
 use std::collections::{BTreeSet, HashMap};
-use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -556,7 +555,9 @@ impl Qcow2Image {
             let dst = &mut out[at..at + n];
             match e.target {
                 Target::Zero => dst.fill(0),
-                Target::Data { fd, offset } => pread_aligned(fd, offset, dst)?,
+                Target::Data { fd, offset } => {
+                    crate::block::file::read_aligned(fd, offset, dst, 4096)?
+                }
                 Target::Compressed {
                     image,
                     descriptor,
@@ -901,29 +902,4 @@ impl Qcow2Image {
         }
         Ok(true)
     }
-}
-
-/// Reads `out.len()` bytes at `offset` of `fd` through an aligned buffer (O_DIRECT-safe).
-fn pread_aligned(fd: RawFd, offset: u64, out: &mut [u8]) -> Result<(), BlockError> {
-    const ALIGN: u64 = 4096;
-    let start = offset - offset % ALIGN;
-    let end = (offset + out.len() as u64).next_multiple_of(ALIGN);
-    let mut buf = AlignedBuf::new((end - start) as usize, ALIGN as usize);
-    let mut op = crate::io::IoOp {
-        fd,
-        offset: start,
-        kind: crate::io::OpKind::Read,
-        iov: vec![libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }],
-        tag: 0,
-    };
-    let r = crate::io::sys::execute(&mut op);
-    if r < 0 {
-        return Err(BlockError::Io(std::io::Error::from_raw_os_error(-r)));
-    }
-    let skip = (offset - start) as usize;
-    out.copy_from_slice(&buf.as_slice()[skip..skip + out.len()]);
-    Ok(())
 }
