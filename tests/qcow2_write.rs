@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::qemu::{qemu_check, qemu_io, qemu_raw, sh};
+use common::qemu::{qemu_check, qemu_io, qemu_io_fmt, qemu_raw, sh};
 use common::{signal, wait_timeout, Client, Daemon, Rng};
 
 const MIB: u64 = 1 << 20;
@@ -124,6 +124,24 @@ fn over_backing(d: &Path, opts: &str) {
         ),
     );
     qemu_io(d, "img.qcow2", &["write -P 0x19 1M 200k".into()]);
+}
+
+/// A backing file with holes: copy-on-write from a hole copies nothing.
+fn over_sparse_backing(d: &Path) {
+    std::fs::File::create(d.join("base.raw"))
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let cmds = [
+        "write -P 0x21 0 100k",
+        "write -P 0x22 5M 8k",
+        "write -P 0x23 9000k 1M",
+    ];
+    qemu_io_fmt(d, "raw", "base.raw", &cmds.map(String::from));
+    sh(
+        d,
+        "qemu-img create -q -f qcow2 -b base.raw -F raw -o cluster_size=64k img.qcow2 16M",
+    );
 }
 
 const CASES: &[Case] = &[
@@ -276,6 +294,15 @@ const CASES: &[Case] = &[
         cs: 65536,
         discard_keeps: false,
         extra: &["--cache", "none", "--aio", "threads"],
+    },
+    Case {
+        // Copy-on-write from holes and data of the backing file, reads through io_uring with
+        // O_DIRECT.
+        name: "o-direct-over-sparse-backing",
+        make: over_sparse_backing,
+        cs: 65536,
+        discard_keeps: false,
+        extra: &["--cache", "none", "--aio", "io-uring"],
     },
 ];
 

@@ -148,6 +148,22 @@ pub fn read_aligned(
     Ok(())
 }
 
+/// Whether `offset..offset+len` of `fd` is a hole (reads as zeroes without storage), per
+/// `SEEK_DATA`. False where the file system cannot tell.
+pub fn is_hole(fd: libc::c_int, offset: u64, len: u64) -> bool {
+    let Ok(start) = libc::off_t::try_from(offset) else {
+        return false;
+    };
+    // SAFETY: lseek only moves this descriptor's file position, which no one else relies on
+    // (all data I/O is positional).
+    let next = unsafe { libc::lseek(fd, start, libc::SEEK_DATA) };
+    if next < 0 {
+        // ENXIO: no data at or after `offset`.
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+    }
+    next as u64 >= offset.saturating_add(len)
+}
+
 /// One blocking transfer of a whole buffer through the I/O layer's system-call path (short
 /// transfers finished, EINTR retried, reads past the end of the file give zeroes).
 fn transfer(
@@ -173,7 +189,8 @@ fn transfer(
     }
 }
 
-fn pread_full(fd: libc::c_int, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+/// Reads all of `buf` from `offset` (zeroes past the end of the file).
+pub(crate) fn pread_full(fd: libc::c_int, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
     transfer(fd, buf.as_mut_ptr(), buf.len(), offset, OpKind::Read)
 }
 

@@ -221,10 +221,45 @@ pub type Waker = Arc<dyn Wake>;
 
 /// Data a write needs besides the guest's: copy-on-write pieces or zeroes.
 pub enum ExtraData {
-    /// These bytes (aligned for O_DIRECT).
-    Bytes(crate::util::aligned::AlignedBuf),
+    /// These bytes (aligned for O_DIRECT), once `reads` have filled their parts of them: the
+    /// rest is already in place. The reads are left to the caller so that they can run
+    /// asynchronously; each is aligned to [`FILL_ALIGN`] in file offset, buffer offset and length.
+    Bytes {
+        /// The bytes to write.
+        buf: crate::util::aligned::AlignedBuf,
+        /// Reads that complete `buf` first.
+        reads: Vec<FillRead>,
+    },
     /// This many zero bytes.
     Zero(u64),
+}
+
+/// Alignment of every [`FillRead`]: O_DIRECT-safe on any file system this daemon opens with it.
+pub const FILL_ALIGN: u64 = 4096;
+
+/// A read into part of an [`ExtraData::Bytes`] buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FillRead {
+    /// File to read.
+    pub fd: RawFd,
+    /// Byte offset in that file.
+    pub offset: u64,
+    /// Where in the buffer the bytes go.
+    pub at: usize,
+    /// How many bytes.
+    pub len: usize,
+}
+
+impl ExtraData {
+    /// Carries out the pending reads now, synchronously.
+    pub fn fill_now(&mut self) -> std::io::Result<()> {
+        if let ExtraData::Bytes { buf, reads } = self {
+            for r in reads.drain(..) {
+                file::pread_full(r.fd, &mut buf.as_mut_slice()[r.at..r.at + r.len], r.offset)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A piece of [`ExtraData`] and where it goes.

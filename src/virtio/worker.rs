@@ -20,7 +20,8 @@ use super::request::{self, ParseError, Request, RequestType};
 use super::status::{RequestError, STATUS_OK};
 use super::{DeviceSettings, DiscardMode, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
 use crate::block::{
-    self, probe, BlockBackend, BlockError, Extent, ExtraData, HostOp, Scratch, Target, Wake, Waker,
+    self, probe, BlockBackend, BlockError, Extent, ExtraData, ExtraWrite, HostOp, Scratch, Target,
+    Wake, Waker,
 };
 use crate::guest_warn;
 use crate::io::{sys, Completion, Engine, IoOp, OpKind, Transfer, MAX_IOVECS};
@@ -42,6 +43,9 @@ const BOUNCE_LEN: usize = 1 << 20;
 /// `fallocate` modes, remembered in the op tag so a failure knows what was tried.
 const ATTEMPT_PUNCH: u64 = 1;
 const ATTEMPT_ZERO_RANGE: u64 = 2;
+/// Not an fallocate: a read that fills a copy-on-write buffer; the host-op field of the tag
+/// indexes the request's [`Deferred`] writes.
+const ATTEMPT_FILL: u64 = 3;
 
 fn tag(slot: usize, host_op: usize, attempt: u64) -> u64 {
     slot as u64 | (host_op as u64) << 32 | attempt << 56
@@ -88,6 +92,14 @@ struct InFlight {
     ticket: Option<u64>,
     /// Copy-on-write data the operations write from.
     _buffers: Vec<AlignedBuf>,
+    /// Copy-on-write writes submitted once their buffers are filled.
+    deferred: Vec<Deferred>,
+}
+
+/// A copy-on-write that waits for the reads filling its buffer.
+struct Deferred {
+    write: Option<IoOp>,
+    reads_left: usize,
 }
 
 /// What executing a request produced before any host I/O.
@@ -98,6 +110,9 @@ struct Plan {
     used_len: u32,
     ticket: Option<u64>,
     buffers: Vec<AlignedBuf>,
+    /// Reads for the deferred write at the index they carry.
+    fill_reads: Vec<(usize, IoOp)>,
+    deferred: Vec<Deferred>,
 }
 
 /// The state of one virtqueue.
@@ -326,9 +341,15 @@ impl QueueWorker {
             mem,
             ticket: plan.ticket,
             _buffers: plan.buffers,
+            deferred: plan.deferred,
         };
         for mut op in plan.ops {
             op.tag = tag(slot, 0, 0);
+            req.pending += 1;
+            self.engine.push(op);
+        }
+        for (k, mut op) in plan.fill_reads {
+            op.tag = tag(slot, k, ATTEMPT_FILL);
             req.pending += 1;
             self.engine.push(op);
         }
@@ -427,7 +448,20 @@ impl QueueWorker {
             };
             req.pending -= 1;
             let mut resubmit = None;
-            if c.result == -libc::EOPNOTSUPP && host_op > 0 && attempt != 0 {
+            if attempt == ATTEMPT_FILL {
+                if c.result < 0 && req.error.is_none() {
+                    req.error = Some(RequestError::Host(io::Error::from_raw_os_error(-c.result)));
+                }
+                let d = &mut req.deferred[host_op];
+                d.reads_left -= 1;
+                if d.reads_left == 0 && req.error.is_none() {
+                    if let Some(mut op) = d.write.take() {
+                        op.tag = tag(slot, 0, 0);
+                        req.pending += 1;
+                        self.engine.push(op);
+                    }
+                }
+            } else if c.result == -libc::EOPNOTSUPP && host_op > 0 && attempt != 0 {
                 // The file system lacks this fallocate mode: remember, and fall back.
                 let op = req.host_ops[host_op - 1];
                 if attempt == ATTEMPT_PUNCH {
@@ -599,28 +633,12 @@ impl QueueWorker {
                 .iter()
                 .any(|v| v.iov_base as usize % align != 0 || v.iov_len % align != 0);
         self.extents.clear();
+        let mut extra = Vec::new();
         if write {
             let wp = self.backend.begin_write(offset, len, &self.waker)?;
             self.extents = wp.extents;
             plan.ticket = wp.ticket;
-            for x in wp.extra {
-                match x.data {
-                    ExtraData::Bytes(buf) => {
-                        plan.ops.push(IoOp {
-                            fd: x.fd,
-                            offset: x.offset,
-                            kind: OpKind::Write,
-                            iov: vec![libc::iovec {
-                                iov_base: buf.as_ptr() as *mut libc::c_void,
-                                iov_len: buf.len(),
-                            }],
-                            tag: 0,
-                        });
-                        plan.buffers.push(buf);
-                    }
-                    ExtraData::Zero(n) => plan.ops.extend(zero_ops(x.fd, x.offset, n)),
-                }
-            }
+            extra = wp.extra;
         } else {
             self.backend.map_read(offset, len, &mut self.extents)?;
         }
@@ -718,6 +736,7 @@ impl QueueWorker {
                 }
             }
         }
+        add_extra_writes(plan, extra);
         Ok(())
     }
 
@@ -762,6 +781,93 @@ impl QueueWorker {
             }
         }
         Ok(())
+    }
+}
+
+/// Adds a write's copy-on-write and zero pieces to its plan. A piece that borders a guest data
+/// write joins it (one host write per cluster, as QEMU does); a write whose buffers still need
+/// reading waits for those reads.
+fn add_extra_writes(plan: &mut Plan, extra: Vec<ExtraWrite>) {
+    let mut reads_of: Vec<Vec<IoOp>> = plan.ops.iter().map(|_| Vec::new()).collect();
+    for x in extra {
+        let (mut buf, reads) = match x.data {
+            ExtraData::Zero(n) => {
+                for op in zero_ops(x.fd, x.offset, n) {
+                    plan.ops.push(op);
+                    reads_of.push(Vec::new());
+                }
+                continue;
+            }
+            ExtraData::Bytes { buf, reads } => (buf, reads),
+        };
+        let base = buf.as_mut_ptr();
+        let len = buf.len();
+        // An internal invariant of the backends; a read outside the buffer would corrupt memory.
+        assert!(
+            reads
+                .iter()
+                .all(|r| r.at.checked_add(r.len).is_some_and(|e| e <= len)),
+            "copy-on-write read outside its buffer"
+        );
+        let read_ops = reads.iter().map(|r| IoOp {
+            fd: r.fd,
+            offset: r.offset,
+            kind: OpKind::Read,
+            iov: vec![libc::iovec {
+                iov_base: base.wrapping_add(r.at).cast(),
+                iov_len: r.len,
+            }],
+            tag: 0,
+        });
+        let iov = libc::iovec {
+            iov_base: base.cast(),
+            iov_len: len,
+        };
+        let (start, end) = (x.offset, x.offset + len as u64);
+        let neighbour = plan.ops.iter().position(|op| {
+            op.kind == OpKind::Write
+                && op.fd == x.fd
+                && op.iov.len() < MAX_IOVECS
+                && (end == op.offset || op.offset + Transfer::len(&op.iov) == start)
+        });
+        match neighbour {
+            Some(j) => {
+                let op = &mut plan.ops[j];
+                if end == op.offset {
+                    op.iov.insert(0, iov);
+                    op.offset = start;
+                } else {
+                    op.iov.push(iov);
+                }
+                reads_of[j].extend(read_ops);
+            }
+            None => {
+                plan.ops.push(IoOp {
+                    fd: x.fd,
+                    offset: start,
+                    kind: OpKind::Write,
+                    iov: vec![iov],
+                    tag: 0,
+                });
+                reads_of.push(read_ops.collect());
+            }
+        }
+        plan.buffers.push(buf);
+    }
+    if reads_of.iter().all(Vec::is_empty) {
+        return;
+    }
+    for (op, reads) in std::mem::take(&mut plan.ops).into_iter().zip(reads_of) {
+        if reads.is_empty() {
+            plan.ops.push(op);
+            continue;
+        }
+        let k = plan.deferred.len();
+        plan.deferred.push(Deferred {
+            write: Some(op),
+            reads_left: reads.len(),
+        });
+        plan.fill_reads.extend(reads.into_iter().map(|r| (k, r)));
     }
 }
 

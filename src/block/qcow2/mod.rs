@@ -247,10 +247,12 @@ impl Qcow2Image {
                 reason: format!("{e}; repair it with `vhost-device-blk check --repair all`"),
             }
         })?;
+        let regular = self.file.file.metadata().is_ok_and(|m| m.is_file());
         self.writable = Some(write::Writable::new(
             refcounts,
             lazy,
             self.header.cluster_bits,
+            regular && self.data_file.is_none(),
         ));
         if self.header.bitmaps.is_some() {
             self.drop_bitmaps()?;
@@ -680,8 +682,13 @@ impl Qcow2Backend {
                 _ => None,
             })
             .chain(plan.extra);
-        for w in writes {
-            if let Err(e) = write_extra(&w) {
+        for mut w in writes {
+            if let Err(e) = w
+                .data
+                .fill_now()
+                .map_err(BlockError::from)
+                .and_then(|()| write_extra(&w))
+            {
                 result = Err(e);
                 break;
             }
@@ -697,7 +704,7 @@ impl Qcow2Backend {
 fn write_extra(w: &super::ExtraWrite) -> Result<(), BlockError> {
     use crate::util::aligned::{zero_block, ZERO_BLOCK_LEN};
     let iov: Vec<libc::iovec> = match &w.data {
-        super::ExtraData::Bytes(b) => vec![libc::iovec {
+        super::ExtraData::Bytes { buf: b, .. } => vec![libc::iovec {
             iov_base: b.as_ptr() as *mut libc::c_void,
             iov_len: b.len(),
         }],

@@ -19,7 +19,8 @@ use super::l2::{self, L2Mapping, SubState, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO
 use super::refcount::Refcounts;
 use super::Qcow2Image;
 use crate::block::{
-    BlockError, Extent, ExtraData, ExtraWrite, HostOp, Scratch, Target, Waker, WritePlan,
+    BlockError, Extent, ExtraData, ExtraWrite, FillRead, HostOp, Scratch, Target, Waker, WritePlan,
+    FILL_ALIGN,
 };
 use crate::util::aligned::AlignedBuf;
 
@@ -42,7 +43,14 @@ struct Meta {
     next_ticket: u64,
     /// The dirty bit is set on disk.
     marked_dirty: bool,
+    /// Where the file's size, grown ahead of allocation, ends (`None`: not grown ahead).
+    grown_to: Option<u64>,
 }
+
+/// The file grows ahead of allocation in steps of at least this many bytes (and 16 clusters), as
+/// a hole: writes below the end of the file are not size-extending, and file systems serialize
+/// size-extending O_DIRECT writes (ext4 waits for each one to complete).
+const GROW_STEP: u64 = 8 << 20;
 
 #[derive(Default)]
 struct Pending {
@@ -84,7 +92,13 @@ fn lock(m: &Mutex<Meta>) -> MutexGuard<'_, Meta> {
 }
 
 impl Writable {
-    pub(super) fn new(refcounts: Refcounts, lazy: bool, cluster_bits: u32) -> Writable {
+    /// `grow_ahead`: extend the file ahead of allocation (regular files).
+    pub(super) fn new(
+        refcounts: Refcounts,
+        lazy: bool,
+        cluster_bits: u32,
+        grow_ahead: bool,
+    ) -> Writable {
         let end = refcounts.end << cluster_bits;
         Writable {
             meta: Mutex::new(Meta {
@@ -94,6 +108,7 @@ impl Writable {
                 pending: HashMap::new(),
                 next_ticket: 1,
                 marked_dirty: false,
+                grown_to: grow_ahead.then_some(end),
             }),
             writeback: Mutex::new(()),
             lazy,
@@ -114,6 +129,8 @@ impl Writable {
 struct ClusterWork {
     /// Host offset of the cluster that receives the data.
     host: u64,
+    /// The cluster lies past the old end of the file: it reads as zeroes already.
+    fresh: bool,
     cow: Vec<CowPiece>,
 }
 
@@ -206,7 +223,7 @@ impl Qcow2Image {
             .refcounts
             .alloc(1)
             .map_err(|e| BlockError::Io(std::io::Error::other(e)))?;
-        self.grow_end(&meta.refcounts);
+        self.grow_end(meta);
         let table = self
             .cache
             .insert(Arc::new(L2Table::new(c * cs, entries, true)));
@@ -220,10 +237,28 @@ impl Qcow2Image {
         Ok(Some((table, slot)))
     }
 
-    fn grow_end(&self, r: &Refcounts) {
-        if let Some(w) = &self.writable {
-            w.end
-                .fetch_max(r.end << self.header.cluster_bits, Ordering::AcqRel);
+    /// Records how far allocation has grown the file, and grows the file ahead of it.
+    fn grow_end(&self, meta: &mut Meta) {
+        let Some(w) = &self.writable else {
+            return;
+        };
+        let end = meta.refcounts.end << self.header.cluster_bits;
+        w.end.fetch_max(end, Ordering::AcqRel);
+        if meta.grown_to.is_none_or(|p| end <= p) {
+            return;
+        };
+        let step = GROW_STEP.max(16 * self.cluster_size());
+        let to = (end + 1).next_multiple_of(step);
+        // A hole: the new space reads as zeroes, as space past the end did, and takes no room.
+        match self.file.file.set_len(to) {
+            Ok(()) => meta.grown_to = Some(to),
+            Err(e) => {
+                info!(
+                    "{}: not growing the file ahead of allocation ({e})",
+                    self.path.display()
+                );
+                meta.grown_to = None;
+            }
         }
     }
 
@@ -328,7 +363,7 @@ impl Qcow2Image {
             ticket = meta.next_ticket;
             meta.next_ticket += 1;
             meta.pending.insert(ticket, pending);
-            self.grow_end(&meta.refcounts);
+            self.grow_end(&mut meta);
         }
         // Outside the lock: the guest data's place, and the copy-on-write data.
         let mut plan = WritePlan {
@@ -353,6 +388,8 @@ impl Qcow2Image {
             at = end;
             for p in cw.cow {
                 match self.cow_data(&p) {
+                    // Zeroes found only now (holes of the backing chain) need no copy either.
+                    Ok(ExtraData::Zero(_)) if cw.fresh => {}
                     Ok(data) => plan.extra.push(ExtraWrite {
                         fd,
                         offset: p.to,
@@ -513,50 +550,53 @@ impl Qcow2Image {
             }
         }
         pending.clusters.push(gc);
-        Ok(Some(ClusterWork { host, cow }))
+        Ok(Some(ClusterWork { host, fresh, cow }))
     }
 
-    /// Reads the data a copy-on-write piece copies (no locks held).
+    /// The data a copy-on-write piece copies (no locks held). Aligned reads of image data are
+    /// left to the caller ([`ExtraData::Bytes`]); the rest is filled in now.
     fn cow_data(&self, p: &CowPiece) -> Result<ExtraData, BlockError> {
         let len = p.len as usize;
+        let mut buf = AlignedBuf::new(len, FILL_ALIGN as usize);
+        let mut reads = Vec::new();
         match p.from {
-            Source::Zero => Ok(ExtraData::Zero(p.len)),
-            Source::Host(off) => {
-                let mut buf = AlignedBuf::new(len, 4096);
-                self.data_file
-                    .as_ref()
-                    .unwrap_or(&self.file)
-                    .read_into(off, buf.as_mut_slice())?;
-                Ok(ExtraData::Bytes(buf))
-            }
+            Source::Zero => return Ok(ExtraData::Zero(p.len)),
+            Source::Host(off) => fill(self.data_fd(), off, &mut buf, 0, len, &mut reads)?,
             Source::Compressed(d, from) => {
                 let mut s = Scratch::default();
                 self.read_compressed(d, &mut s)?;
-                let mut buf = AlignedBuf::new(len, 4096);
                 buf.as_mut_slice()
                     .copy_from_slice(&s.output[from as usize..from as usize + len]);
-                Ok(ExtraData::Bytes(buf))
             }
             Source::Backing(guest) => {
-                let mut buf = AlignedBuf::new(len, 4096);
-                self.read_backing_into(guest, buf.as_mut_slice())?;
-                Ok(ExtraData::Bytes(buf))
+                if !self.read_backing_into(guest, &mut buf, &mut reads)? {
+                    return Ok(ExtraData::Zero(p.len));
+                }
             }
         }
+        Ok(ExtraData::Bytes { buf, reads })
     }
 
-    /// Reads what the backing chain holds at `guest` into `out`.
-    fn read_backing_into(&self, guest: u64, out: &mut [u8]) -> Result<(), BlockError> {
+    /// Fills `buf` with what the backing chain holds at `guest` (zeroes are already there).
+    /// `Ok(false)`: it is all zeroes (unallocated, zero clusters, holes of the files).
+    fn read_backing_into(
+        &self,
+        guest: u64,
+        buf: &mut AlignedBuf,
+        reads: &mut Vec<FillRead>,
+    ) -> Result<bool, BlockError> {
         let mut extents = Vec::new();
-        self.read_backing(guest, out.len() as u64, &mut extents)?;
+        self.read_backing(guest, buf.len() as u64, &mut extents)?;
         let mut at = 0usize;
+        let mut data = false;
         for e in extents {
             let n = e.len as usize;
-            let dst = &mut out[at..at + n];
             match e.target {
-                Target::Zero => dst.fill(0),
+                Target::Zero => {}
+                Target::Data { fd, offset } if crate::block::file::is_hole(fd, offset, e.len) => {}
                 Target::Data { fd, offset } => {
-                    crate::block::file::read_aligned(fd, offset, dst, 4096)?
+                    data = true;
+                    fill(fd, offset, buf, at, n, reads)?;
                 }
                 Target::Compressed {
                     image,
@@ -568,12 +608,14 @@ impl Qcow2Image {
                         .ok_or(BlockError::Corrupt("compressed extent of an unknown image"))?;
                     let mut s = Scratch::default();
                     img.read_compressed(descriptor, &mut s)?;
-                    dst.copy_from_slice(&s.output[skip as usize..skip as usize + n]);
+                    buf.as_mut_slice()[at..at + n]
+                        .copy_from_slice(&s.output[skip as usize..skip as usize + n]);
+                    data = true;
                 }
             }
             at += n;
         }
-        Ok(())
+        Ok(data)
     }
 
     /// Makes a write visible, or releases what it reserved.
@@ -670,6 +712,14 @@ impl Qcow2Image {
             self.file.file.sync_data().map_err(io)?;
         }
         lock(&w.meta).refcounts.release(&freed);
+        if close {
+            // Cut the file back to its last cluster.
+            let end = w.end_bytes();
+            if lock(&w.meta).grown_to.is_some_and(|p| p > end) {
+                self.file.file.set_len(end).map_err(io)?;
+                lock(&w.meta).grown_to = Some(end);
+            }
+        }
         if close && w.lazy && lock(&w.meta).marked_dirty {
             self.file
                 .write_durable(OFFSET_INCOMPATIBLE, &self.header.incompatible.to_be_bytes())
@@ -882,7 +932,7 @@ impl Qcow2Image {
                 }
             }
         }
-        self.grow_end(&meta.refcounts);
+        self.grow_end(&mut meta);
         drop(meta);
         // Give freed clusters back to the host file system now, before the request completes: a
         // later flush may hand them to a new allocation, which must not race with a punch.
@@ -901,5 +951,30 @@ impl Qcow2Image {
             let _ = crate::io::sys::execute(&mut op);
         }
         Ok(true)
+    }
+}
+
+/// Reads `len` bytes at `offset` of `fd` into `buf[at..]`: left to the caller when aligned for
+/// O_DIRECT, done now otherwise.
+fn fill(
+    fd: libc::c_int,
+    offset: u64,
+    buf: &mut AlignedBuf,
+    at: usize,
+    len: usize,
+    reads: &mut Vec<FillRead>,
+) -> std::io::Result<()> {
+    let a = FILL_ALIGN;
+    if offset % a == 0 && at as u64 % a == 0 && len as u64 % a == 0 {
+        reads.push(FillRead {
+            fd,
+            offset,
+            at,
+            len,
+        });
+        Ok(())
+    } else {
+        let dst = &mut buf.as_mut_slice()[at..at + len];
+        crate::block::file::read_aligned(fd, offset, dst, a)
     }
 }

@@ -41,10 +41,19 @@ enum Buf {
 
 impl Harness {
     fn new(read_only: bool, aio: AioMode) -> Harness {
+        Self::wrapping(read_only, aio, |raw| raw)
+    }
+
+    /// A harness whose backend is `wrap` applied to the raw backend of its image.
+    fn wrapping(
+        read_only: bool,
+        aio: AioMode,
+        wrap: impl FnOnce(Arc<dyn BlockBackend>) -> Arc<dyn BlockBackend>,
+    ) -> Harness {
         let image = tempfile::NamedTempFile::new().unwrap();
         image.as_file().write_all_at(&vec![0x11; IMAGE], 0).unwrap();
         let file = ImageFile::open(image.path(), read_only, CacheMode::Writeback).unwrap();
-        let backend: Arc<dyn BlockBackend> = Arc::new(RawBackend::new(file, read_only, false));
+        let backend = wrap(Arc::new(RawBackend::new(file, read_only, false)));
         let mem = GuestMemoryAtomic::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap(),
         );
@@ -380,5 +389,149 @@ fn drain_completes_everything_in_flight() {
     assert_eq!(h.used().len(), 16);
     for st in sts {
         assert_eq!(h.byte(st), OK);
+    }
+}
+
+/// Raw backend whose writes also copy `COPY_LEN` bytes of `source` to `COPY_AT` of the image, the
+/// way qcow2 copy-on-write does: the copy's reads are left to the worker.
+struct CopyingBackend {
+    /// The harness's raw backend, set when the harness is built.
+    inner: std::sync::OnceLock<Arc<dyn BlockBackend>>,
+    source: std::fs::File,
+    commits: std::sync::Mutex<Vec<bool>>,
+}
+
+/// Right after the guest's 4 KiB at 0: the copy joins the guest's write.
+const COPY_AT: u64 = 4096;
+const COPY_LEN: usize = 12 * 1024;
+
+impl CopyingBackend {
+    fn inner(&self) -> &dyn BlockBackend {
+        &**self.inner.get().unwrap()
+    }
+}
+
+impl BlockBackend for CopyingBackend {
+    fn info(&self) -> &crate::block::BackendInfo {
+        self.inner().info()
+    }
+    fn map_read(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), BlockError> {
+        self.inner().map_read(offset, len, out)
+    }
+    fn begin_write(
+        &self,
+        offset: u64,
+        len: u64,
+        waker: &Waker,
+    ) -> Result<crate::block::WritePlan, BlockError> {
+        use std::os::unix::io::AsRawFd;
+        let mut plan = self.inner().begin_write(offset, len, waker)?;
+        let Target::Data { fd: image_fd, .. } = plan.extents[0].target else {
+            panic!("raw writes go to the image file");
+        };
+        let mut buf = AlignedBuf::new(COPY_LEN, 4096);
+        // The middle 4 KiB is filled in by the backend, the rest by two reads.
+        buf.as_mut_slice()[4096..8192].fill(0x5a);
+        let read = |at: usize| crate::block::FillRead {
+            fd: self.source.as_raw_fd(),
+            offset: at as u64,
+            at,
+            len: 4096,
+        };
+        plan.extra.push(crate::block::ExtraWrite {
+            fd: image_fd,
+            offset: COPY_AT,
+            data: ExtraData::Bytes {
+                buf,
+                reads: vec![read(0), read(8192)],
+            },
+        });
+        plan.ticket = Some(7);
+        Ok(plan)
+    }
+    fn commit_write(&self, ticket: u64, ok: bool) -> Result<(), BlockError> {
+        assert_eq!(ticket, 7);
+        self.commits.lock().unwrap().push(ok);
+        Ok(())
+    }
+    fn flush(&self, out: &mut Vec<HostOp>) -> Result<(), BlockError> {
+        self.inner().flush(out)
+    }
+    fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        waker: &Waker,
+        out: &mut Vec<HostOp>,
+    ) -> Result<(), BlockError> {
+        self.inner().discard(offset, len, unmap, waker, out)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        waker: &Waker,
+        out: &mut Vec<HostOp>,
+    ) -> Result<(), BlockError> {
+        self.inner().write_zeroes(offset, len, unmap, waker, out)
+    }
+    fn sync(&self) -> Result<(), BlockError> {
+        self.inner().sync()
+    }
+}
+
+#[test]
+fn copy_on_write_reads_complete_before_their_write_and_failures_fail_the_request() {
+    for aio in [AioMode::IoUring, AioMode::Threads] {
+        for readable in [true, false] {
+            let src = tempfile::NamedTempFile::new().unwrap();
+            src.as_file().write_all_at(&[0xc3; COPY_LEN], 0).unwrap();
+            // A write-only descriptor makes the copy's reads fail (EBADF).
+            let source = std::fs::OpenOptions::new()
+                .read(readable)
+                .write(!readable)
+                .open(src.path())
+                .unwrap();
+            let backend = Arc::new(CopyingBackend {
+                inner: Default::default(),
+                source,
+                commits: Default::default(),
+            });
+            let b = backend.clone();
+            let mut h = Harness::wrapping(false, aio, move |raw| {
+                b.inner.set(raw).ok();
+                b
+            });
+            let hdr = h.header(VIRTIO_BLK_T_OUT, 0);
+            let data = h.alloc(4096);
+            h.mem
+                .memory()
+                .write_slice(&[0x77; 4096], GuestAddress(data))
+                .unwrap();
+            let st = h.status_buf();
+            let head = h.add(&[Buf::R(hdr, 16), Buf::R(data, 4096), Buf::W(st, 1)]);
+            assert_eq!(h.run(), vec![(u32::from(head), 1)]);
+            let mut copied = vec![0u8; COPY_LEN];
+            h.image
+                .as_file()
+                .read_exact_at(&mut copied, COPY_AT)
+                .unwrap();
+            let mut guest = vec![0u8; 4096];
+            h.image.as_file().read_exact_at(&mut guest, 0).unwrap();
+            if readable {
+                assert_eq!(guest, [0x77; 4096], "{aio:?}");
+                assert_eq!(h.byte(st), OK, "{aio:?}");
+                assert_eq!(copied[..4096], [0xc3; 4096]);
+                assert_eq!(copied[4096..8192], [0x5a; 4096]);
+                assert_eq!(copied[8192..], [0xc3; 4096]);
+                assert_eq!(*backend.commits.lock().unwrap(), [true]);
+            } else {
+                assert_eq!(h.byte(st), IOERR, "{aio:?}");
+                assert_eq!(copied, [0x11; COPY_LEN], "a failed copy must not write");
+                assert_eq!(*backend.commits.lock().unwrap(), [false]);
+            }
+        }
     }
 }
