@@ -78,6 +78,14 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = LazyArg::Auto)]
     pub lazy_refcounts: LazyArg,
 
+    /// QEMU-compatible image locking (byte-range OFD locks, as QEMU's `locking=` option): while
+    /// the daemon has the image, QEMU and qemu-img cannot open it for writing (nor qcow2 images
+    /// at all without -U), and the daemon refuses an image they hold. `auto` goes on without
+    /// locks (with a warning) where the kernel or file system cannot lock; `on` fails there;
+    /// `off` neither takes nor checks locks.
+    #[arg(long, value_enum, default_value_t = LockingArg::Auto)]
+    pub locking: LockingArg,
+
     /// Print the vhost-user back-end capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -204,6 +212,17 @@ pub enum LazyArg {
     /// On (version 3 images only).
     On,
     /// Off.
+    Off,
+}
+
+/// `--locking`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LockingArg {
+    /// Lock where the kernel and file system can, warn and go on elsewhere.
+    Auto,
+    /// Lock, or fail.
+    On,
+    /// No locks.
     Off,
 }
 
