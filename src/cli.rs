@@ -101,6 +101,10 @@ pub enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = OutputArg::Human)]
         output: OutputArg,
+        /// Open a qcow2 image even while QEMU or a daemon writes it (no image locks; what is
+        /// shown may be inconsistent), as qemu-img's -U.
+        #[arg(short = 'U', long)]
+        force_share: bool,
     },
     /// Check a qcow2 image's metadata. Exit status: 0 consistent, 1 check failed, 2 corrupted,
     /// 3 leaked clusters only, 63 not a qcow2 image.
@@ -113,6 +117,10 @@ pub enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = OutputArg::Human)]
         output: OutputArg,
+        /// Check even while QEMU or a daemon writes the image (no image locks; the result may
+        /// report errors that are not there), as qemu-img's -U. Not with --repair.
+        #[arg(short = 'U', long, conflicts_with = "repair")]
+        force_share: bool,
     },
     /// Create an empty qcow2 (v3) image.
     Create {

@@ -404,3 +404,38 @@ fn same_lock_bytes_as_qemu_system() {
         assert_eq!(ours, theirs, "{name} read-only={ro}");
     }
 }
+
+/// The image tools take qemu-img's locks: no `check --repair` behind a running daemon's back.
+#[test]
+fn tools_respect_locks_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path();
+    sh(p, "qemu-img create -f qcow2 t.qcow2 4M");
+    let img = p.join("t.qcow2");
+    let tool = |args: &[&str]| run(p, BIN, args);
+    let d = Daemon::start(p, &img, &["--format", "qcow2"]);
+    for args in [
+        &["info", "t.qcow2"][..],
+        &["check", "t.qcow2"],
+        &["check", "--repair", "all", "t.qcow2"],
+    ] {
+        let o = tool(args);
+        let t = text(&o);
+        assert!(
+            o.status.code() == Some(1)
+                && t.contains("\"write\" lock")
+                && t.contains(&format!("process {} (vhost-device-b", d.child.id())),
+            "{args:?}: {t}"
+        );
+    }
+    ok(&tool(&["info", "-U", "t.qcow2"]));
+    ok(&tool(&["check", "--force-share", "t.qcow2"]));
+    assert!(d.stop().success());
+    ok(&tool(&["check", "--repair", "all", "t.qcow2"]));
+    // And a writable daemon cannot start while our check holds the image: qemu-io stands in
+    // for a long check here, our tools being too quick to catch.
+    let peer = QemuIo::hold(p, &["-r", "-f", "qcow2"], &img, &[100, 201, 203]);
+    ok(&tool(&["info", "t.qcow2"]));
+    daemon_refuses(p, &img, &["--format", "qcow2"]);
+    drop(peer);
+}

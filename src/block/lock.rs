@@ -101,7 +101,7 @@ pub fn perm_name(bit: u64) -> &'static str {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     /// Another process holds a permission we do not share, or refuses to share one we need.
-    #[error("{path}: Failed to get {what} lock: {holder}; is another process (QEMU, qemu-img, qemu-storage-daemon, another vhost-device-blk) using the image? (--locking off skips image locking)")]
+    #[error("{path}: Failed to get {what} lock: {holder}; is another process (QEMU, qemu-img, qemu-storage-daemon, another vhost-device-blk) using the image? (the daemon's --locking off, or -U for info and check, skips image locking)")]
     Conflict {
         /// The file.
         path: PathBuf,
