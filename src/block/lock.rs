@@ -19,7 +19,7 @@ use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use log::warn;
+use log::{debug, warn};
 
 /// Byte `PERM_BASE + i` is locked by users holding permission bit `i`.
 pub const PERM_BASE: i64 = 100;
@@ -250,6 +250,12 @@ pub fn lock(file: &File, path: &Path, perms: Perms, mode: Locking) -> Result<(),
             Err(e) => return os_error(byte, e),
         }
     }
+    debug!(
+        "{}: locked (permissions {:#x}, shared {:#x})",
+        path.display(),
+        perms.perm,
+        perms.shared
+    );
     Ok(())
 }
 
