@@ -80,9 +80,9 @@ pub struct Args {
 
     /// QEMU-compatible image locking (byte-range OFD locks, as QEMU's `locking=` option): while
     /// the daemon has the image, QEMU and qemu-img cannot open it for writing (nor qcow2 images
-    /// at all without -U), and the daemon refuses an image they hold. `auto` goes on without
-    /// locks (with a warning) where the kernel or file system cannot lock; `on` fails there;
-    /// `off` neither takes nor checks locks.
+    /// at all without -U), and the daemon refuses an image another process is writing. `auto`
+    /// goes on without locks (with a warning) where the kernel or file system cannot lock;
+    /// `on` fails there; `off` neither takes nor checks locks.
     #[arg(long, value_enum, default_value_t = LockingArg::Auto)]
     pub locking: LockingArg,
 
