@@ -229,6 +229,11 @@ fn writable_qcow2_and_its_backing_file_are_locked() {
         &run(p, "qemu-io", &["-f", "raw", "-c", "write 0 4k", "base.raw"]),
         "Failed to get \"write\" lock",
     );
+    // Another overlay on the same base: both VMs run (QEMU's rule for shared bases).
+    sh(p, "qemu-img create -f qcow2 -b base.raw -F raw top2.qcow2");
+    let dir2 = tempfile::tempdir().unwrap();
+    let d2 = Daemon::start(dir2.path(), &p.join("top2.qcow2"), &["--format", "qcow2"]);
+    assert!(d2.stop().success());
     assert!(d.stop().success());
     ok(&run(p, "qemu-img", &["check", "top.qcow2"]));
 }
