@@ -167,33 +167,29 @@ impl Drop for QemuIo {
 
 #[test]
 fn writable_raw_is_locked_like_a_qemu_guest() {
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("disk.raw");
-    sh(dir.path(), "qemu-img create -f raw disk.raw 4M");
-    let d = Daemon::start(dir.path(), &img, &["--format", "raw"]);
-    assert_eq!(lock_bytes(&img, d.child.id()), [100, 101, 201]);
-    // Writers are refused; raw images stay readable for qemu-img info, as with QEMU.
-    refused(
-        &run(
-            dir.path(),
-            "qemu-io",
-            &["-f", "raw", "-c", "write 0 4k", "disk.raw"],
-        ),
-        "Failed to get \"write\" lock",
-    );
-    ok(&run(dir.path(), "qemu-img", &["info", "disk.raw"]));
-    // The guest still writes.
-    let mut c = Client::connect(d.path(), 1, false).unwrap();
-    c.write(0, 0, &[0x5a; 4096]).unwrap();
-    c.flush(0).unwrap();
-    drop(c);
-    assert!(d.stop().success());
-    // Locks go with the daemon.
-    ok(&run(
-        dir.path(),
-        "qemu-io",
-        &["-f", "raw", "-c", "write 0 4k", "disk.raw"],
-    ));
+    // The O_DIRECT descriptor carries the locks as well as the buffered one.
+    for cache in ["writeback", "none"] {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let img = p.join("disk.raw");
+        sh(p, "qemu-img create -f raw disk.raw 4M");
+        let d = Daemon::start(p, &img, &["--format", "raw", "--cache", cache]);
+        assert_eq!(lock_bytes(&img, d.child.id()), [100, 101, 201], "{cache}");
+        // Writers are refused; raw images stay readable for qemu-img info, as with QEMU.
+        let write = ["-f", "raw", "-c", "write 0 4k", "disk.raw"];
+        refused(&run(p, "qemu-io", &write), "Failed to get \"write\" lock");
+        ok(&run(p, "qemu-img", &["info", "disk.raw"]));
+        // The guest still writes, and reconnects keep the locks.
+        for _ in 0..2 {
+            let mut c = Client::connect(d.path(), 1, false).unwrap();
+            c.write(0, 0, &[0x5a; 4096]).unwrap();
+            c.flush(0).unwrap();
+        }
+        assert_eq!(lock_bytes(&img, d.child.id()), [100, 101, 201], "{cache}");
+        assert!(d.stop().success());
+        // Locks go with the daemon.
+        ok(&run(p, "qemu-io", &write));
+    }
 }
 
 #[test]
