@@ -101,11 +101,12 @@ pub fn perm_name(bit: u64) -> &'static str {
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     /// Another process holds a permission we do not share, or refuses to share one we need.
-    #[error("{path}: Failed to get {what} lock: {holder}; is another process (QEMU, qemu-img, qemu-storage-daemon, another vhost-device-blk) using the image? (the daemon's --locking off, or -U for info and check, skips image locking)")]
+    #[error("{path}: {what}: {holder}; is another process (QEMU, qemu-img, qemu-storage-daemon, another vhost-device-blk) using the image? (the daemon's --locking off, or -U for info and check, skips image locking)")]
     Conflict {
         /// The file.
         path: PathBuf,
-        /// `"write"` or `shared "write"`, as QEMU says it.
+        /// What failed, in QEMU's words: `Failed to get "write" lock`, `Failed to get shared
+        /// "write" lock`, `Failed to lock byte 100`.
         what: String,
         /// Who holds the conflicting lock, as far as /proc/locks tells.
         holder: String,
@@ -202,6 +203,14 @@ pub fn lock(file: &File, path: &Path, perms: Perms, mode: Locking) -> Result<(),
     };
     let os_error = |byte: i64, source: std::io::Error| {
         release();
+        if matches!(source.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
+            // Someone holds an exclusive lock on one of our bytes.
+            return Err(LockError::Conflict {
+                path: path.to_owned(),
+                what: format!("Failed to lock byte {byte}"),
+                holder: describe_holder(file, byte),
+            });
+        }
         if !unsupported(&source) {
             return Err(LockError::Os {
                 path: path.to_owned(),
@@ -232,10 +241,14 @@ pub fn lock(file: &File, path: &Path, perms: Perms, mode: Locking) -> Result<(),
     }
     // Someone refuses to share a permission we hold, or holds one we refuse to share.
     let checks = bits(perms.perm)
-        .map(|(i, b)| (SHARED_BASE + i, format!("\"{}\"", perm_name(b))))
-        .chain(
-            bits(unshared).map(|(i, b)| (PERM_BASE + i, format!("shared \"{}\"", perm_name(b)))),
-        );
+        .map(|(i, b)| {
+            let what = format!("Failed to get \"{}\" lock", perm_name(b));
+            (SHARED_BASE + i, what)
+        })
+        .chain(bits(unshared).map(|(i, b)| {
+            let what = format!("Failed to get shared \"{}\" lock", perm_name(b));
+            (PERM_BASE + i, what)
+        }));
     for (byte, what) in checks {
         match byte_taken(file, byte) {
             Ok(false) => {}
@@ -407,6 +420,19 @@ mod tests {
         lock(&b, &dir, w, Locking::Off).unwrap();
         drop(a);
         lock(&b, &dir, w, Locking::On).unwrap();
+        // An exclusive lock on one of our bytes (not QEMU's way, but possible).
+        drop(b);
+        let c = File::options().read(true).write(true).open(&dir).unwrap();
+        let fl = flock(libc::F_WRLCK, 100);
+        // SAFETY: a valid flock on an open descriptor.
+        let rc = unsafe { libc::fcntl(c.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+        assert_eq!(rc, 0);
+        let a = File::options().read(true).open(&dir).unwrap();
+        let err = lock(&a, &dir, ro, Locking::Auto).unwrap_err();
+        let me = std::process::id();
+        assert!(err.to_string().contains("Failed to lock byte 100"), "{err}");
+        // Only other processes are named (here: nobody else).
+        assert!(!err.to_string().contains(&format!("process {me}")), "{err}");
         let _ = std::fs::remove_file(&dir);
     }
 }
