@@ -13,6 +13,9 @@ compgen -G "/boot/vmlinuz-*" >/dev/null || need+=(linux-image-amd64)
 if ! command -v busybox >/dev/null || ldd "$(command -v busybox)" >/dev/null 2>&1; then
     need+=(busybox-static)
 fi
+command -v systemd-socket-activate >/dev/null || need+=(systemd)
+command -v virt-xml-validate >/dev/null || need+=(libvirt-clients)
+command -v xmllint >/dev/null || need+=(libxml2-utils)
 for t in mkfs.ext4 e2fsck debugfs; do
     PATH="$PATH:/sbin:/usr/sbin" command -v "$t" >/dev/null || { need+=(e2fsprogs); break; }
 done

@@ -78,6 +78,14 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = LazyArg::Auto)]
     pub lazy_refcounts: LazyArg,
 
+    /// QEMU-compatible image locking (byte-range OFD locks, as QEMU's `locking=` option): while
+    /// the daemon has the image, QEMU and qemu-img cannot open it for writing (nor qcow2 images
+    /// at all without -U), and the daemon refuses an image another process is writing. `auto`
+    /// goes on without locks (with a warning) where the kernel or file system cannot lock;
+    /// `on` fails there; `off` neither takes nor checks locks.
+    #[arg(long, value_enum, default_value_t = LockingArg::Auto)]
+    pub locking: LockingArg,
+
     /// Print the vhost-user back-end capabilities as JSON and exit.
     #[arg(long)]
     pub print_capabilities: bool,
@@ -93,6 +101,10 @@ pub enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = OutputArg::Human)]
         output: OutputArg,
+        /// Open a qcow2 image even while QEMU or a daemon writes it (no image locks; what is
+        /// shown may be inconsistent), as qemu-img's -U.
+        #[arg(short = 'U', long)]
+        force_share: bool,
     },
     /// Check a qcow2 image's metadata. Exit status: 0 consistent, 1 check failed, 2 corrupted,
     /// 3 leaked clusters only, 63 not a qcow2 image.
@@ -105,6 +117,10 @@ pub enum Command {
         /// Output format.
         #[arg(long, value_enum, default_value_t = OutputArg::Human)]
         output: OutputArg,
+        /// Check even while QEMU or a daemon writes the image (no image locks; the result may
+        /// report errors that are not there), as qemu-img's -U. Not with --repair.
+        #[arg(short = 'U', long, conflicts_with = "repair")]
+        force_share: bool,
     },
     /// Create an empty qcow2 (v3) image.
     Create {
@@ -204,6 +220,17 @@ pub enum LazyArg {
     /// On (version 3 images only).
     On,
     /// Off.
+    Off,
+}
+
+/// `--locking`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LockingArg {
+    /// Lock where the kernel and file system can, warn and go on elsewhere.
+    Auto,
+    /// Lock, or fail.
+    On,
+    /// No locks.
     Off,
 }
 

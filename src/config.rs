@@ -3,8 +3,9 @@
 use std::os::unix::io::RawFd;
 use std::path::{Path, PathBuf};
 
+use crate::block::lock::Locking;
 use crate::block::{CacheMode, ImageFormat, LazyRefcounts, OpenOptions};
-use crate::cli::{AioArg, Args, CacheArg, DiscardArg, FormatArg, LazyArg};
+use crate::cli::{AioArg, Args, CacheArg, DiscardArg, FormatArg, LazyArg, LockingArg};
 use crate::io::AioMode;
 use crate::virtio::{serial_bytes, DeviceSettings, DiscardMode};
 
@@ -105,6 +106,11 @@ impl TryFrom<Args> for Config {
                     LazyArg::On => LazyRefcounts::On,
                     LazyArg::Off => LazyRefcounts::Off,
                 },
+                locking: match a.locking {
+                    LockingArg::Auto => Locking::Auto,
+                    LockingArg::On => Locking::On,
+                    LockingArg::Off => Locking::Off,
+                },
             },
             device: DeviceSettings {
                 num_queues: a.num_queues,
@@ -162,6 +168,7 @@ mod tests {
         assert_eq!(c.device.logical_block_size, 512);
         assert_eq!(c.device.discard, DiscardMode::Unmap);
         assert_eq!(c.aio, AioMode::Auto);
+        assert_eq!(c.image.locking, Locking::Auto);
         assert!(c.device.serial.starts_with(b"vdb-"));
         assert_eq!(
             c.device.serial,
@@ -195,6 +202,8 @@ mod tests {
             "ignore",
             "--l2-cache-size",
             "4M",
+            "--locking",
+            "off",
         ])
         .unwrap();
         assert_eq!(c.listen, Listen::Fd(3));
@@ -208,6 +217,7 @@ mod tests {
         assert_eq!(c.device.logical_block_size, 4096);
         assert_eq!(c.device.discard, DiscardMode::Ignore);
         assert_eq!(c.image.l2_cache_size, Some(4 << 20));
+        assert_eq!(c.image.locking, Locking::Off);
     }
 
     #[test]

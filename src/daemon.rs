@@ -46,7 +46,10 @@ pub fn run(config: Config) -> Result<(), Error> {
     Engine::probe(config.aio)?;
     let mut listener = listen(&config.listen)?;
     let waiter = Waiter::new(&[signals.fd(), listener.as_raw_fd()]).map_err(Error::EventLoop)?;
-    info!("ready for a front-end");
+    match &config.listen {
+        Listen::Path(p) => info!("ready for a front-end on {}", p.display()),
+        Listen::Fd(fd) => info!("ready for a front-end on the inherited socket (fd {fd})"),
+    }
     let result = loop {
         match waiter.wait() {
             Err(e) => break Err(Error::EventLoop(e)),
@@ -62,6 +65,9 @@ pub fn run(config: Config) -> Result<(), Error> {
         }
     };
     let flushed = backend.sync().map_err(Error::Flush);
+    if flushed.is_ok() {
+        info!("image written back; stopped");
+    }
     if let Listen::Path(path) = &config.listen {
         let _ = fs::remove_file(path);
     }

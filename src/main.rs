@@ -57,18 +57,23 @@ fn run_tool(cmd: Command) -> ExitCode {
         OutputArg::Json => Output::Json,
     };
     let result = match cmd {
-        Command::Info { image, output: o } => tools::info(&image, output(o)).map(|s| (s, 0)),
+        Command::Info {
+            image,
+            output: o,
+            force_share,
+        } => tools::info(&image, output(o), force_share).map(|s| (s, 0)),
         Command::Check {
             image,
             repair,
             output: o,
+            force_share,
         } => {
             let repair = match repair {
                 None => Repair::None,
                 Some(RepairArg::Leaks) => Repair::Leaks,
                 Some(RepairArg::All) => Repair::All,
             };
-            tools::check(&image, repair, output(o))
+            tools::check(&image, repair, output(o), force_share)
         }
         Command::Create {
             image,

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use crate::block::file::ImageFile;
+use crate::block::lock::{self, Locking, Perms, Role};
 use crate::block::qcow2::check::{self, CheckResult, Repair};
 use crate::block::qcow2::header::{
     Header, COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, EXT_FEATURE_NAMES, INCOMPAT_EXTL2,
@@ -65,7 +66,14 @@ fn json_str(s: &str) -> String {
     out
 }
 
-fn open_qcow2(path: &Path, read_only: bool) -> Result<(ImageFile, Option<Header>), ToolError> {
+/// Opens an image for a tool; qcow2 images get `perms` locked (qemu-img's locks) unless
+/// `locking` is off.
+fn open_qcow2(
+    path: &Path,
+    read_only: bool,
+    perms: Perms,
+    locking: Locking,
+) -> Result<(ImageFile, Option<Header>), ToolError> {
     let file = ImageFile::open(path, read_only, CacheMode::Writeback)?;
     let head = file
         .read_at(0, file.size.min(2 << 20) as usize)
@@ -76,6 +84,7 @@ fn open_qcow2(path: &Path, read_only: bool) -> Result<(ImageFile, Option<Header>
     if probe::probe(&head) != probe::Probed::Qcow2 {
         return Ok((file, None));
     }
+    file.lock(perms, locking)?;
     let h = Header::parse(&head, file.size).map_err(|source| ToolError::Header {
         path: path.to_owned(),
         source,
@@ -88,9 +97,24 @@ fn allocated_bytes(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
 }
 
+/// The locks of a tool: `qemu-img info` reads no data but, like every qcow2 user, lets nobody
+/// write or resize the file under it; `check` reads (and with a repair writes) like a
+/// read-only (writable) qcow2 user. `force_share` (qemu-img's `-U`) takes none.
+fn tool_locking(force_share: bool) -> Locking {
+    if force_share {
+        Locking::Off
+    } else {
+        Locking::Auto
+    }
+}
+
 /// `info`: prints what the image is.
-pub fn info(path: &Path, output: Output) -> Result<String, ToolError> {
-    let (file, header) = open_qcow2(path, true)?;
+pub fn info(path: &Path, output: Output, force_share: bool) -> Result<String, ToolError> {
+    let perms = Perms {
+        perm: 0,
+        shared: lock::CONSISTENT_READ | lock::WRITE_UNCHANGED,
+    };
+    let (file, header) = open_qcow2(path, true, perms, tool_locking(force_share))?;
     let name = path.display().to_string();
     let disk = allocated_bytes(path);
     let Some(h) = header else {
@@ -181,8 +205,15 @@ pub fn info(path: &Path, output: Output) -> Result<String, ToolError> {
 
 /// `check`: the report to print and the exit status (qemu-img's: 0 clean, 1 check failed,
 /// 2 corruptions, 3 leaks only, 63 format without checks).
-pub fn check(path: &Path, repair: Repair, output: Output) -> Result<(String, u8), ToolError> {
-    let (file, header) = open_qcow2(path, repair == Repair::None)?;
+pub fn check(
+    path: &Path,
+    repair: Repair,
+    output: Output,
+    force_share: bool,
+) -> Result<(String, u8), ToolError> {
+    let read_only = repair == Repair::None;
+    let perms = lock::image_perms(Role::Qcow2Chain, !read_only);
+    let (file, header) = open_qcow2(path, read_only, perms, tool_locking(force_share))?;
     let Some(h) = header else {
         return Ok(("This image format does not support checks\n".into(), 63));
     };

@@ -2,12 +2,18 @@
 //! (interior mutability, one lock per queue), so every queue thread runs in parallel.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use log::{debug, warn};
+use log::info;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::VhostUserBackend;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -31,6 +37,8 @@ pub struct VhostUserBlk {
     config: VirtioBlkConfig,
     workers: Vec<Mutex<QueueWorker>>,
     event_idx: AtomicBool,
+    /// The features last acknowledged (logged when they change).
+    acked: AtomicU64,
 }
 
 impl VhostUserBlk {
@@ -61,6 +69,7 @@ impl VhostUserBlk {
             config,
             workers,
             event_idx: AtomicBool::new(false),
+            acked: AtomicU64::new(u64::MAX),
         })
     }
 
@@ -109,7 +118,13 @@ impl VhostUserBackend for VhostUserBlk {
     }
 
     fn acked_features(&self, features: u64) {
-        debug!("front-end acked features {features:#x}");
+        // Front-ends repeat SET_FEATURES; one line per change (firmware, then the OS driver).
+        if self.acked.swap(features, Ordering::Relaxed) != features {
+            info!(
+                "front-end features {features:#x}: {}",
+                feature_names(features)
+            );
+        }
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -118,7 +133,9 @@ impl VhostUserBackend for VhostUserBlk {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         self.config.read(offset, size).unwrap_or_else(|| {
-            warn!("GET_CONFIG for {size} bytes at {offset} is outside the config space");
+            crate::guest_warn!(
+                "GET_CONFIG for {size} bytes at {offset} is outside the config space"
+            );
             Vec::new()
         })
     }
@@ -172,5 +189,51 @@ impl VhostUserBackend for VhostUserBlk {
         // Errors are per request and already reported to the guest: returning one here would
         // stop the queue thread.
         Ok(())
+    }
+}
+
+/// The names of the feature bits a front-end may acknowledge, for the log.
+fn feature_names(features: u64) -> String {
+    const NAMES: [(u32, &str); 12] = [
+        (VIRTIO_F_VERSION_1, "VERSION_1"),
+        (VIRTIO_RING_F_EVENT_IDX, "EVENT_IDX"),
+        (VIRTIO_RING_F_INDIRECT_DESC, "INDIRECT_DESC"),
+        (VIRTIO_BLK_F_MQ, "MQ"),
+        (VIRTIO_BLK_F_SEG_MAX, "SEG_MAX"),
+        (VIRTIO_BLK_F_BLK_SIZE, "BLK_SIZE"),
+        (VIRTIO_BLK_F_TOPOLOGY, "TOPOLOGY"),
+        (VIRTIO_BLK_F_FLUSH, "FLUSH"),
+        (VIRTIO_BLK_F_DISCARD, "DISCARD"),
+        (VIRTIO_BLK_F_WRITE_ZEROES, "WRITE_ZEROES"),
+        (VIRTIO_BLK_F_RO, "RO"),
+        (30, "PROTOCOL_FEATURES"),
+    ];
+    let mut rest = features;
+    let mut names: Vec<String> = Vec::new();
+    for (bit, name) in NAMES {
+        if features & (1u64 << bit) != 0 {
+            names.push(name.to_owned());
+            rest &= !(1u64 << bit);
+        }
+    }
+    if rest != 0 {
+        names.push(format!("{rest:#x}"));
+    }
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(" ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn feature_names() {
+        assert_eq!(
+            super::feature_names((1 << 32) | (1 << 29) | (1 << 12) | (1 << 40)),
+            "VERSION_1 EVENT_IDX MQ 0x10000000000"
+        );
+        assert_eq!(super::feature_names(0), "none");
     }
 }

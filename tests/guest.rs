@@ -1,14 +1,16 @@
-//! A real Linux guest on the daemon: QEMU (TCG) with vhost-user-blk-pci, two queues. Inside, the
-//! guest makes an ext4 file system, writes files, checks it, remounts and verifies checksums,
-//! trims; the host then checks the image file with e2fsck and compares file contents.
+//! A real Linux guest on the daemon, booted by contrib/qemu/vhost-user-blk-vm.sh: QEMU (TCG)
+//! with vhost-user-blk-pci, two queues. Inside, the guest makes an ext4 file system, writes
+//! files, checks it, remounts and verifies checksums, trims; the host then checks the image
+//! file with e2fsck and compares file contents.
 
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
 use common::guest::GuestKit;
-use common::{wait_timeout, Daemon};
+use common::wait_timeout;
 
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -82,33 +84,25 @@ fn run_guest(qcow2: bool) {
     let initrd = dir.path().join("initrd.cpio");
     kit.initramfs(INIT, &initrd);
 
-    let d = Daemon::start(
-        dir.path(),
-        &img,
-        &[
-            "--format",
-            format,
-            "--num-queues",
-            "2",
-            "--serial",
-            "guest-disk-7",
-        ],
-    );
+    // contrib/qemu/vhost-user-blk-vm.sh is the one QEMU command line: it starts the daemon,
+    // QEMU with memfd shared memory and the vhost-user-blk-pci device, and stops the daemon
+    // (SIGTERM, clean exit required) when the guest powers off.
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/qemu/vhost-user-blk-vm.sh");
     let console = dir.path().join("console.log");
-    let mut qemu = Command::new("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-m",
-            "512",
-            "-smp",
-            "2",
-            "-nodefaults",
-            "-no-reboot",
-        ])
+    let daemon_log = dir.path().join("daemon.log");
+    let mut vm = Command::new(&script)
+        .args(["--daemon", common::BIN, "--format", format, "--queues", "2"])
+        .args(["--memory", "512M", "--accel", "tcg"])
+        .args(["--daemon-arg", "--serial", "--daemon-arg", "guest-disk-7"])
+        .arg("--socket")
+        .arg(dir.path().join("vub.sock"))
+        .arg("--daemon-log")
+        .arg(&daemon_log)
+        .arg(&img)
+        .arg("--")
+        .args(["-smp", "2", "-nodefaults", "-no-reboot"])
         .args(["-display", "none", "-monitor", "none"])
-        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on"])
-        .args(["-numa", "node,memdev=mem"])
         .arg("-kernel")
         .arg(&kit.kernel)
         .arg("-initrd")
@@ -116,26 +110,23 @@ fn run_guest(qcow2: bool) {
         .args(["-append", "console=ttyS0 panic=-1 loglevel=4"])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
-        .arg("-chardev")
-        .arg(format!("socket,id=vub,path={}", d.path()))
-        .args(["-device", "vhost-user-blk-pci,chardev=vub,num-queues=2"])
+        .env("RUST_LOG", "debug")
+        .process_group(0)
         .spawn()
-        .expect("qemu-system-x86_64");
-    let status = wait_timeout(&mut qemu, Duration::from_secs(300));
+        .expect("contrib/qemu/vhost-user-blk-vm.sh");
+    let status = wait_timeout(&mut vm, Duration::from_secs(300));
     if status.is_none() {
-        let _ = qemu.kill();
-        let _ = qemu.wait();
+        // The script, QEMU and the daemon share a process group.
+        // SAFETY: signalling the process group of our own child.
+        unsafe { libc::kill(-(vm.id() as i32), libc::SIGKILL) };
+        let _ = vm.wait();
     }
     let out = std::fs::read_to_string(&console).unwrap_or_default();
-    assert!(
-        status.is_some(),
-        "guest timed out:\n{out}\n{}",
-        d.log_text()
-    );
+    let log = std::fs::read_to_string(&daemon_log).unwrap_or_default();
+    let status = status.unwrap_or_else(|| panic!("guest timed out:\n{out}\n{log}"));
     assert!(
         out.contains("GUEST-RESULT: PASS"),
-        "guest failed:\n{out}\n{}",
-        d.log_text()
+        "guest failed:\n{out}\n{log}"
     );
     assert!(!out.contains("insmod"), "a module failed to load:\n{out}");
     assert!(out.contains("GUEST-QUEUES 2"), "{out}");
@@ -144,8 +135,9 @@ fn run_guest(qcow2: bool) {
         out.contains(&format!("GUEST-SIZE {}", (128 << 20) / 512)),
         "{out}"
     );
-    let log = d.log_text();
-    assert!(d.stop().success(), "{log}");
+    // QEMU exited 0 and the daemon stopped cleanly.
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(log.contains("front-end connected"), "{log}");
 
     // The host sees a clean image and file system holding the same data.
     let img = if qcow2 {

@@ -7,6 +7,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use super::lock::{self, Locking, Perms};
 use super::{CacheMode, OpenError};
 use crate::io::{sys, IoOp, OpKind};
 use crate::util::aligned::AlignedBuf;
@@ -78,6 +79,12 @@ impl ImageFile {
             mem_align,
             offset_align,
         })
+    }
+
+    /// Takes QEMU-compatible image locks for `perms` on this file's descriptor; they last as
+    /// long as this `ImageFile` (see [`lock`]).
+    pub fn lock(&self, perms: Perms, mode: Locking) -> Result<(), OpenError> {
+        Ok(lock::lock(&self.file, &self.path, perms, mode)?)
     }
 
     /// Reads up to [`HEAD_LEN`] bytes from the start (fewer if the file is shorter).

@@ -3,6 +3,7 @@
 //! worker submits it from guest buffers. This layer knows nothing about virtio.
 
 pub mod file;
+pub mod lock;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;
@@ -56,6 +57,8 @@ pub struct OpenOptions {
     pub l2_cache_size: Option<u64>,
     /// qcow2 lazy refcounts.
     pub lazy_refcounts: LazyRefcounts,
+    /// QEMU-compatible image locking.
+    pub locking: lock::Locking,
 }
 
 /// `--lazy-refcounts`.
@@ -400,6 +403,9 @@ pub enum OpenError {
         /// What the probe found.
         found: &'static str,
     },
+    /// Another process uses the image, or it cannot be locked.
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
     /// O_DIRECT needs a coarser alignment than the device's logical block size.
     #[error("{path} needs {align}-byte aligned I/O with --cache none, larger than the logical block size {lbs}; use --logical-block-size {align} or --cache writeback")]
     Alignment {
@@ -440,6 +446,12 @@ pub fn open(opts: &OpenOptions) -> Result<Arc<dyn BlockBackend>, OpenError> {
             }
         }
     };
+    // Before anything is written (a qcow2 open may repair the image or set its dirty bit).
+    let role = match format {
+        ImageFormat::Raw => lock::Role::RawImage,
+        ImageFormat::Qcow2 => lock::Role::Qcow2Chain,
+    };
+    file.lock(lock::image_perms(role, !opts.read_only), opts.locking)?;
     if format == ImageFormat::Qcow2 {
         let q = qcow2::Qcow2Backend::open(file, opts)?;
         return Ok(Arc::new(q));

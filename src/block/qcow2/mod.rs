@@ -29,6 +29,7 @@ use self::cache::{L2Cache, L2Table};
 use self::header::{Header, AUTOCLEAR_KNOWN, OFFSET_AUTOCLEAR};
 use self::l2::{L2Mapping, SubState};
 use super::file::ImageFile;
+use super::lock::{image_perms, Locking, Role};
 use super::{
     push_extent, BackendInfo, BlockBackend, BlockError, CacheMode, Extent, HostOp, ImageFormat,
     LazyRefcounts, OpenError, OpenOptions, Scratch, Target, Waker, WritePlan,
@@ -95,6 +96,7 @@ struct ChainOptions {
     cache: CacheMode,
     l2_cache_bytes: u64,
     lazy: LazyRefcounts,
+    locking: Locking,
 }
 
 impl Qcow2Image {
@@ -161,7 +163,9 @@ impl Qcow2Image {
         let data_file = match &header.data_file {
             Some(name) if header.has_data_file() => {
                 let p = dir.join(name);
-                Some(ImageFile::open(&p, read_only, opts.cache)?)
+                let f = ImageFile::open(&p, read_only, opts.cache)?;
+                f.lock(image_perms(Role::Qcow2Chain, !read_only), opts.locking)?;
+                Some(f)
             }
             _ => None,
         };
@@ -572,6 +576,7 @@ fn open_backing(
         )));
     }
     let file = ImageFile::open(&path, true, opts.cache)?;
+    file.lock(image_perms(Role::Qcow2Chain, false), opts.locking)?;
     match format {
         "raw" => Ok(Layer::Raw(file)),
         "qcow2" => Ok(Layer::Qcow2(Box::new(Qcow2Image::open(
@@ -600,6 +605,7 @@ impl Qcow2Backend {
             cache: o.cache,
             l2_cache_bytes: o.l2_cache_size.unwrap_or(DEFAULT_L2_CACHE),
             lazy: o.lazy_refcounts,
+            locking: o.locking,
         };
         let read_only = o.read_only;
         let mut seen = HashSet::new();
