@@ -155,6 +155,15 @@ impl Engine {
         }
     }
 
+    /// Collects finished operations without blocking, including those the kernel has finished
+    /// but only posts when this thread enters it (io_uring task work): for polling.
+    pub fn poke(&mut self, out: &mut Vec<Completion>) {
+        match self {
+            Engine::Uring(e) => e.poke(out),
+            Engine::Threads(e) => e.reap(out),
+        }
+    }
+
     /// Blocks until at least one operation finishes (if any is in flight), then reaps.
     pub fn wait(&mut self, out: &mut Vec<Completion>) {
         match self {

@@ -199,6 +199,15 @@ impl UringEngine {
         }
     }
 
+    /// Enters the kernel once so that completions it has not posted yet (task work) are, then
+    /// reaps without blocking.
+    pub(super) fn poke(&mut self, out: &mut Vec<Completion>) {
+        if self.in_kernel > 0 {
+            let _ = self.ring.submitter().submit();
+        }
+        self.reap(out);
+    }
+
     pub(super) fn wait(&mut self, out: &mut Vec<Completion>) {
         self.submit();
         let before = out.len();

@@ -36,6 +36,9 @@ pub type Vring = VringRwLock<GuestMemAtomic>;
 
 /// How long a queue polls its ring for more requests before going back to sleep.
 const POLL: std::time::Duration = std::time::Duration::from_micros(20);
+/// While host I/O is in flight, enter the kernel every this many spins of the poll loop: its
+/// completions are posted only when this thread does.
+const POKE_EVERY: u32 = 64;
 
 /// Size of the O_DIRECT bounce buffer used for misaligned guest buffers.
 const BOUNCE_LEN: usize = 1 << 20;
@@ -228,9 +231,17 @@ impl QueueWorker {
         }
     }
 
-    /// Spins until the driver makes a chain available or `until` passes.
-    fn wait_for_avail(&self, vring: &Vring, mem: &GuestMem, until: Instant) -> bool {
+    /// Spins until the driver makes a chain available, host I/O completes or `until` passes.
+    fn wait_for_avail(&mut self, vring: &Vring, mem: &GuestMem, until: Instant) -> bool {
+        let mut spins = 0u32;
         loop {
+            spins = spins.wrapping_add(1);
+            if spins % POKE_EVERY == 0 && self.engine.in_flight() > 0 {
+                self.engine.poke(&mut self.completions);
+                if !self.completions.is_empty() {
+                    return true;
+                }
+            }
             let state = vring.get_ref();
             let q = state.get_queue();
             if let Ok(avail) = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
