@@ -72,8 +72,11 @@ start_backend() { # backend image cache queues
 
 stop_backend() { kill "$PID"; wait "$PID" 2>/dev/null || true; }
 
-record() { # cache workload backend json
-    echo "{\"cache\": \"$1\", \"workload\": \"$2\", \"backend\": \"$3\", \"result\": $4}" >> results.jsonl
+# Peak resident set size of the backend so far, in KiB.
+peak_rss() { awk '/^VmHWM:/ {print $2}' "/proc/$PID/status"; }
+
+record() { # cache workload backend json [peak RSS KiB]
+    echo "{\"cache\": \"$1\", \"workload\": \"$2\", \"backend\": \"$3\", \"rss_kib\": ${5:-0}, \"result\": $4}" >> results.jsonl
 }
 
 for cache in $CACHES; do
@@ -86,8 +89,9 @@ for cache in $CACHES; do
                 start_backend $backend "$WORK/run.qcow2" "$cache" "$queues"
                 # shellcheck disable=SC2086
                 out=$("$BENCH" --socket "$SOCK" --runtime "$RUNTIME" $args)
+                rss=$(peak_rss)
                 stop_backend
-                record "$cache" "$name" $backend "$out"
+                record "$cache" "$name" $backend "$out" "$rss"
                 echo "$cache $name round $round $backend: $out" >&2
             done
         done
@@ -120,15 +124,20 @@ def med(cache, wl, be, key="iops", sub=None):
     v = [r["result"][key] if sub is None else r["result"][key][sub] for r in rows
          if r["cache"] == cache and r["workload"] == wl and r["backend"] == be]
     return statistics.median(v) if v else None
+def peak(cache, wl, be):
+    return max(r["rss_kib"] for r in rows
+               if r["cache"] == cache and r["workload"] == wl and r["backend"] == be) / 1024
 for cache in sorted({r["cache"] for r in rows}):
     print(f"\n### cache={cache}\n")
-    print("| workload | ours IOPS | QSD IOPS | ours/QSD | ours p50 µs | QSD p50 µs | ours p99 µs | QSD p99 µs |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| workload | ours IOPS | QSD IOPS | ours/QSD | ours p50 µs | QSD p50 µs | ours p99 µs | QSD p99 µs "
+          "| ours peak RSS MiB | QSD peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for wl in dict.fromkeys(r["workload"] for r in rows if r["cache"] == cache and r["backend"] == "ours"):
         o, q = med(cache, wl, "ours"), med(cache, wl, "qsd")
         print(f"| {wl} | {o:.0f} | {q:.0f} | {o/q:.2f} | {med(cache, wl, 'ours', 'lat_us', 'p50'):.1f} | "
               f"{med(cache, wl, 'qsd', 'lat_us', 'p50'):.1f} | {med(cache, wl, 'ours', 'lat_us', 'p99'):.1f} | "
-              f"{med(cache, wl, 'qsd', 'lat_us', 'p99'):.1f} |")
+              f"{med(cache, wl, 'qsd', 'lat_us', 'p99'):.1f} | {peak(cache, wl, 'ours'):.1f} | "
+              f"{peak(cache, wl, 'qsd'):.1f} |")
     for qd in (1, 32):
         n = med(cache, f"randread-4k-qd{qd}", "null-co")
         o = med(cache, f"randread-4k-qd{qd}", "ours")
