@@ -155,6 +155,23 @@ pub fn read_aligned(
     Ok(())
 }
 
+impl ImageFile {
+    /// Allocates `offset..offset+len` (reading as zeroes), growing the file if needed.
+    pub fn fallocate(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let mut op = IoOp {
+            fd: self.file.as_raw_fd(),
+            offset,
+            kind: OpKind::Fallocate { mode: 0, len },
+            iov: Vec::new(),
+            tag: 0,
+        };
+        match sys::execute(&mut op) {
+            r if r < 0 => Err(std::io::Error::from_raw_os_error(-r)),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Whether `offset..offset+len` of `fd` is a hole (reads as zeroes without storage), per
 /// `SEEK_DATA`. False where the file system cannot tell.
 pub fn is_hole(fd: libc::c_int, offset: u64, len: u64) -> bool {

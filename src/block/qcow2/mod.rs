@@ -256,7 +256,11 @@ impl Qcow2Image {
             refcounts,
             lazy,
             self.header.cluster_bits,
-            regular && self.data_file.is_none(),
+            match (regular && self.data_file.is_none(), self.file.direct) {
+                (false, _) => write::Grow::No,
+                (true, false) => write::Grow::Hole,
+                (true, true) => write::Grow::Reserve,
+            },
         ));
         if self.header.bitmaps.is_some() {
             self.drop_bitmaps()?;

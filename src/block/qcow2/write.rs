@@ -45,6 +45,19 @@ struct Meta {
     marked_dirty: bool,
     /// Where the file's size, grown ahead of allocation, ends (`None`: not grown ahead).
     grown_to: Option<u64>,
+    grow: Grow,
+}
+
+/// How the file grows ahead of allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Grow {
+    /// It does not (block devices, external data files).
+    No,
+    /// As a hole: no room taken until data is written.
+    Hole,
+    /// With allocated space (`fallocate`): O_DIRECT writes into it need no block allocation,
+    /// at the price of whole clusters on disk where only subclusters were written.
+    Reserve,
 }
 
 /// The file grows ahead of allocation in steps of at least this many bytes (and 16 clusters), as
@@ -92,13 +105,7 @@ fn lock(m: &Mutex<Meta>) -> MutexGuard<'_, Meta> {
 }
 
 impl Writable {
-    /// `grow_ahead`: extend the file ahead of allocation (regular files).
-    pub(super) fn new(
-        refcounts: Refcounts,
-        lazy: bool,
-        cluster_bits: u32,
-        grow_ahead: bool,
-    ) -> Writable {
+    pub(super) fn new(refcounts: Refcounts, lazy: bool, cluster_bits: u32, grow: Grow) -> Writable {
         let end = refcounts.end << cluster_bits;
         Writable {
             meta: Mutex::new(Meta {
@@ -108,7 +115,8 @@ impl Writable {
                 pending: HashMap::new(),
                 next_ticket: 1,
                 marked_dirty: false,
-                grown_to: grow_ahead.then_some(end),
+                grown_to: (grow != Grow::No).then_some(end),
+                grow,
             }),
             writeback: Mutex::new(()),
             lazy,
@@ -244,13 +252,17 @@ impl Qcow2Image {
         };
         let end = meta.refcounts.end << self.header.cluster_bits;
         w.end.fetch_max(end, Ordering::AcqRel);
-        if meta.grown_to.is_none_or(|p| end <= p) {
+        let Some(from) = meta.grown_to.filter(|&p| end > p) else {
             return;
         };
         let step = GROW_STEP.max(16 * self.cluster_size());
         let to = (end + 1).next_multiple_of(step);
-        // A hole: the new space reads as zeroes, as space past the end did, and takes no room.
-        match self.file.file.set_len(to) {
+        // Either way the new space reads as zeroes, as space past the end did.
+        let grown = match meta.grow {
+            Grow::Reserve => self.file.fallocate(from, to - from),
+            _ => self.file.file.set_len(to),
+        };
+        match grown {
             Ok(()) => meta.grown_to = Some(to),
             Err(e) => {
                 info!(
