@@ -71,6 +71,8 @@ pub struct L2Cache {
     shards: Vec<RwLock<HashMap<u64, Slot>>>,
     per_shard: usize,
     cluster_bits: u32,
+    /// A shard full of dirty tables had to grow: time to write tables back.
+    over: AtomicBool,
 }
 
 impl L2Cache {
@@ -82,6 +84,7 @@ impl L2Cache {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             per_shard: tables.div_ceil(SHARDS),
             cluster_bits,
+            over: AtomicBool::new(false),
         }
     }
 
@@ -116,6 +119,7 @@ impl L2Cache {
         if shard.len() >= self.per_shard {
             // Second chance among clean tables; a shard full of dirty tables grows until the
             // next write-back.
+            let mut evicted = false;
             for _ in 0..2 {
                 let victim = shard
                     .iter()
@@ -123,8 +127,12 @@ impl L2Cache {
                     .map(|(k, _)| *k);
                 if let Some(k) = victim {
                     shard.remove(&k);
+                    evicted = true;
                     break;
                 }
+            }
+            if !evicted {
+                self.over.store(true, Ordering::Relaxed);
             }
         }
         shard.insert(
@@ -135,6 +143,12 @@ impl L2Cache {
             },
         );
         table
+    }
+
+    /// Whether the cache has grown past its size with dirty tables since the last call: their
+    /// write-back lets it shrink again.
+    pub fn take_over_capacity(&self) -> bool {
+        self.over.load(Ordering::Relaxed) && self.over.swap(false, Ordering::Relaxed)
     }
 
     /// Every dirty table.
@@ -194,10 +208,13 @@ mod tests {
         assert_eq!(c.get(key(1)).unwrap().read()[0], 1);
         // A concurrent insert of the same key keeps the first table.
         assert_eq!(c.insert(t(key(1), 9, false)).read()[0], 1);
-        // Dirty tables stay.
+        // Dirty tables stay, and the cache says it has grown past its size.
         c.get(key(1)).unwrap().write()[0] = 5;
+        assert!(!c.take_over_capacity());
         c.insert(t(key(2), 2, false));
         assert_eq!(c.get(key(1)).unwrap().read()[0], 5);
+        assert!(c.take_over_capacity());
+        assert!(!c.take_over_capacity());
         assert_eq!(c.dirty_tables().len(), 1);
         let bytes = c.get(key(1)).unwrap().take_bytes();
         assert_eq!(bytes[..8], 5u64.to_be_bytes());

@@ -662,6 +662,11 @@ impl Qcow2Image {
                 waker.wake();
             }
         }
+        drop(meta);
+        if result.is_ok() && self.cache.take_over_capacity() {
+            // Changed tables would otherwise pile up in memory until the guest flushes.
+            result = self.write_back(false);
+        }
         result
     }
 
