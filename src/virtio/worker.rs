@@ -122,6 +122,34 @@ pub struct QueueWorker {
     scratch: Scratch,
     waker: Waker,
     parked: Vec<Parked>,
+    /// Size of the queue as last seen: the bound on requests in flight.
+    queue_size: u16,
+    /// Whether the last kick's EVENT_IDX setting was on (for resuming after throttling).
+    event_idx: bool,
+    /// Chains were left in the avail ring because `queue_size` requests were in flight.
+    throttled: bool,
+    /// The avail ring was unusable at the last look (reported once until it recovers).
+    broken: bool,
+}
+
+/// Chains the driver has made available on a queue, or why its avail ring cannot be used.
+///
+/// virtio-queue would log an error for a bad ring at every pop (and a spinning poller would call
+/// it in a loop); checking first keeps a broken ring a quiet, stopped queue.
+fn avail_pending(vring: &Vring, mem: &GuestMem) -> Result<u16, &'static str> {
+    let state = vring.get_ref();
+    let q = state.get_queue();
+    if !q.ready() {
+        return Ok(0);
+    }
+    let avail = q
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .map_err(|_| "avail ring outside guest memory")?;
+    let pending = avail.0.wrapping_sub(q.next_avail());
+    if pending > q.size() {
+        return Err("avail index more than a queue size ahead of the device");
+    }
+    Ok(pending)
 }
 
 impl QueueWorker {
@@ -155,6 +183,10 @@ impl QueueWorker {
             scratch: Scratch::default(),
             waker,
             parked: Vec::new(),
+            queue_size: 0,
+            event_idx: false,
+            throttled: false,
+            broken: false,
         }
     }
 
@@ -173,6 +205,9 @@ impl QueueWorker {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
+        self.event_idx = event_idx;
+        self.throttled = false;
+        self.queue_size = vring.get_ref().get_queue().size();
         let mut deadline = None;
         loop {
             // A fresh look at the memory map for every batch: the front-end may have added a
@@ -182,7 +217,25 @@ impl QueueWorker {
                 if event_idx {
                     let _ = vring.disable_notification();
                 }
-                loop {
+                let pending = match avail_pending(vring, &mem) {
+                    Ok(n) => {
+                        self.broken = false;
+                        n
+                    }
+                    Err(reason) => {
+                        if !std::mem::replace(&mut self.broken, true) {
+                            guest_warn!("queue {}: {reason}; queue stopped", self.index);
+                        }
+                        0
+                    }
+                };
+                for _ in 0..pending {
+                    // At most one request per queue entry in flight: a driver that offers the
+                    // same head again before it was used cannot make us hold more.
+                    if self.in_flight() >= usize::from(self.queue_size) {
+                        self.throttled = true;
+                        break;
+                    }
                     let chain = vring
                         .get_mut()
                         .get_queue_mut()
@@ -190,7 +243,11 @@ impl QueueWorker {
                     let Some(chain) = chain else { break };
                     self.start(chain, &mem);
                 }
-                if !event_idx || !matches!(vring.enable_notification(), Ok(true)) {
+                if self.throttled
+                    || self.broken
+                    || !event_idx
+                    || !matches!(vring.enable_notification(), Ok(true))
+                {
                     break;
                 }
             }
@@ -206,7 +263,7 @@ impl QueueWorker {
             // Poll the ring briefly before sleeping: a driver that keeps the queue busy then
             // needs no kick and we no wake-up (notifications stay enabled meanwhile).
             let until = *deadline.get_or_insert_with(|| Instant::now() + POLL);
-            if !event_idx || !self.wait_for_avail(vring, &mem, until) {
+            if !event_idx || self.throttled || !self.wait_for_avail(vring, &mem, until) {
                 break;
             }
             deadline = Some(Instant::now() + POLL);
@@ -216,14 +273,10 @@ impl QueueWorker {
     /// Spins until the driver makes a chain available or `until` passes.
     fn wait_for_avail(&self, vring: &Vring, mem: &GuestMem, until: Instant) -> bool {
         loop {
-            let state = vring.get_ref();
-            let q = state.get_queue();
-            if let Ok(avail) = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
-                if avail.0 != q.next_avail() {
-                    return true;
-                }
+            // A broken ring is not work: it would make us spin on it.
+            if matches!(avail_pending(vring, mem), Ok(n) if n > 0) {
+                return true;
             }
-            drop(state);
             if Instant::now() >= until {
                 return false;
             }
@@ -239,6 +292,10 @@ impl QueueWorker {
         self.retry_parked();
         self.engine.submit();
         self.publish(vring);
+        if self.throttled && self.in_flight() < usize::from(self.queue_size) {
+            // Chains left in the ring at the in-flight bound: their kick is already consumed.
+            self.process_queue(vring, self.event_idx);
+        }
     }
 
     /// Waits for every in-flight request and completes it (GET_VRING_BASE, disconnect, exit).
@@ -267,6 +324,15 @@ impl QueueWorker {
 
     fn start(&mut self, chain: DescriptorChain<Arc<GuestMem>>, popped_with: &Arc<GuestMem>) {
         let head = chain.head_index();
+        if head >= self.queue_size {
+            // Not a descriptor at all: nothing to parse and nothing the used ring can name.
+            guest_warn!(
+                "queue {}: avail ring names descriptor {head} of {}; ignored",
+                self.index,
+                self.queue_size
+            );
+            return;
+        }
         // The map current now: a region the driver added just before making this chain available
         // may be missing from the one the chain was popped with.
         let latest = self.mem.memory().into_inner();
