@@ -142,6 +142,16 @@ fn avail_pending(vring: &Vring, mem: &GuestMem) -> Result<u16, &'static str> {
     if !q.ready() {
         return Ok(0);
     }
+    let n = u64::from(q.size());
+    let fits = |addr: u64, len: u64| {
+        vm_memory::GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize)
+    };
+    if !fits(q.desc_table(), 16 * n) || !fits(q.avail_ring(), 6 + 2 * n) {
+        return Err("descriptor table or avail ring outside guest memory");
+    }
+    if !fits(q.used_ring(), 6 + 8 * n) {
+        return Err("used ring outside guest memory");
+    }
     let avail = q
         .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
         .map_err(|_| "avail ring outside guest memory")?;
