@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::VhostUserBackend;
+use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -16,13 +17,41 @@ use vmm_sys_util::event::{
 use crate::block::BlockBackend;
 use crate::io::{AioMode, Engine, EngineError};
 use crate::virtio::config::VirtioBlkConfig;
-use crate::virtio::worker::{GuestMemAtomic, QueueWorker, Vring};
+use crate::virtio::worker::{GuestMem, GuestMemAtomic, QueueWorker, Vring};
 use crate::virtio::DeviceSettings;
 
 /// The epoll token of a queue's I/O completion eventfd (above the range vhost-user-backend
 /// reserves for kicks and its own exit/enable events).
 pub fn io_event_token(num_queues: u16) -> u16 {
     num_queues + 1
+}
+
+/// Checks that every file-backed region of `mem` lies inside its file (for regular files, such
+/// as memfds, shm and hugetlbfs files; device files have no size to check).
+fn check_regions_in_files(mem: &GuestMem) -> io::Result<()> {
+    for region in mem.iter() {
+        let Some(fo) = region.file_offset() else {
+            continue;
+        };
+        let meta = fo.file().metadata()?;
+        if !meta.file_type().is_file() {
+            continue;
+        }
+        let end = fo.start().checked_add(region.len());
+        if end.is_none_or(|end| end > meta.len()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "region at guest address {:#x} maps {} bytes from offset {} of a {}-byte file",
+                    region.start_addr().0,
+                    region.len(),
+                    fo.start(),
+                    meta.len()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// One vhost-user-blk device for the lifetime of one front-end connection.
@@ -131,9 +160,20 @@ impl VhostUserBackend for VhostUserBlk {
         ))
     }
 
-    fn update_memory(&self, _mem: GuestMemAtomic) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemAtomic) -> io::Result<()> {
         // The workers hold a clone of the same GuestMemoryAtomic, which vhost-user-backend updates
         // in place; in-flight requests keep the old map alive through their own guard.
+        //
+        // vhost-user-backend maps whatever size the front-end names: a region past the end of
+        // its file would raise SIGBUS at the first touch. Withdraw such a map before any queue
+        // uses it; the error closes the connection.
+        if let Err(e) = check_regions_in_files(&mem.memory()) {
+            warn!("front-end memory table refused: {e}");
+            mem.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .replace(GuestMemoryMmap::new());
+            return Err(e);
+        }
         Ok(())
     }
 
