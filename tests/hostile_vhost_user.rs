@@ -302,3 +302,38 @@ fn disconnects_with_io_in_flight() {
         s.image
     );
 }
+
+#[test]
+fn memory_regions_larger_than_their_file_are_refused() {
+    let mut s = setup();
+    // Region 0 claims 4 MiB of a 2 MiB memfd: touching the second half would be SIGBUS.
+    let mut h = HostileFrontend::handshake(s.daemon.path(), F_INDIRECT);
+    let mut regions = h.mem.regions(&[0]);
+    regions[0].memory_size = 2 * REGION;
+    let refused = h.fe.set_mem_table(&regions).is_err();
+    if !refused {
+        // Had it been accepted: a status byte past the end of the file.
+        h.start_queue(0, QSIZE).unwrap();
+        h.mem.write(HDR, &header(VIRTIO_BLK_T_IN, 0));
+        h.submit(
+            0,
+            &[
+                Buf::R(HDR, 16),
+                Buf::W(DATA, 512),
+                Buf::W(REGION + 0x1000, 1),
+            ],
+        );
+        let _ = h.wait_used_for(0, Duration::from_secs(1));
+    }
+    drop(h);
+    s.healthy();
+    assert!(refused, "SET_MEM_TABLE past the end of the file accepted");
+    // The same through ADD_MEM_REG, with a mapping offset past the end.
+    let mut h = HostileFrontend::handshake(s.daemon.path(), F_INDIRECT);
+    let mut region = h.mem.regions(&[1])[0];
+    region.guest_phys_addr = 8 * REGION;
+    region.mmap_offset = REGION;
+    assert!(h.fe.add_mem_region(&region).is_err());
+    drop(h);
+    s.healthy();
+}
