@@ -227,17 +227,9 @@ impl QueueWorker {
                 if event_idx {
                     let _ = vring.disable_notification();
                 }
-                let pending = match avail_pending(vring, &mem) {
-                    Ok(n) => {
-                        self.broken = false;
-                        n
-                    }
-                    Err(reason) => {
-                        if !std::mem::replace(&mut self.broken, true) {
-                            guest_warn!("queue {}: {reason}; queue stopped", self.index);
-                        }
-                        0
-                    }
+                let (pending, mut problem) = match avail_pending(vring, &mem) {
+                    Ok(n) => (n, None),
+                    Err(reason) => (0, Some(reason)),
                 };
                 for _ in 0..pending {
                     // At most one request per queue entry in flight: a driver that offers the
@@ -250,8 +242,21 @@ impl QueueWorker {
                         .get_mut()
                         .get_queue_mut()
                         .pop_descriptor_chain(mem.clone());
-                    let Some(chain) = chain else { break };
+                    let Some(chain) = chain else {
+                        // virtio-queue refuses a ring our checks accept (an avail ring at guest
+                        // address 0 counts as not ready): the chains stay, so must we.
+                        problem = Some("avail ring unusable");
+                        break;
+                    };
                     self.start(chain, &mem);
+                }
+                match problem {
+                    // Reported once until the ring recovers.
+                    Some(reason) if !std::mem::replace(&mut self.broken, true) => {
+                        guest_warn!("queue {}: {reason}; queue stopped", self.index)
+                    }
+                    Some(_) => {}
+                    None => self.broken = false,
                 }
                 if self.throttled
                     || self.broken
@@ -273,7 +278,11 @@ impl QueueWorker {
             // Poll the ring briefly before sleeping: a driver that keeps the queue busy then
             // needs no kick and we no wake-up (notifications stay enabled meanwhile).
             let until = *deadline.get_or_insert_with(|| Instant::now() + POLL);
-            if !event_idx || self.throttled || !self.wait_for_avail(vring, &mem, until) {
+            if !event_idx
+                || self.throttled
+                || self.broken
+                || !self.wait_for_avail(vring, &mem, until)
+            {
                 break;
             }
             deadline = Some(Instant::now() + POLL);
