@@ -369,11 +369,17 @@ impl HostileFrontend {
             used_seen: 0,
             size,
         };
-        if q < self.queues.len() {
-            self.queues[q] = queue;
-        } else {
-            self.queues.push(queue);
+        while self.queues.len() <= q {
+            // Placeholders for queues a test sets up by hand (or not at all).
+            self.queues.push(Queue {
+                kick: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                call: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                avail_idx: 0,
+                used_seen: 0,
+                size,
+            });
         }
+        self.queues[q] = queue;
         Ok(())
     }
 
