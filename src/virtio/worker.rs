@@ -36,6 +36,10 @@ pub type Vring = VringRwLock<GuestMemAtomic>;
 /// How long a queue polls its ring for more requests before going back to sleep.
 const POLL: std::time::Duration = std::time::Duration::from_micros(20);
 
+/// Host operations a queue keeps in flight before it stops taking new requests (each holds an
+/// iovec list; a request on a fragmented image can need one per cluster).
+const MAX_OPS_IN_FLIGHT: usize = 1 << 16;
+
 /// Size of the O_DIRECT bounce buffer used for misaligned guest buffers.
 const BOUNCE_LEN: usize = 1 << 20;
 
@@ -205,6 +209,13 @@ impl QueueWorker {
         self.engine.notify_fd()
     }
 
+    /// Whether to leave further chains in the ring for now: as many requests in flight as the
+    /// queue has entries, or [`MAX_OPS_IN_FLIGHT`] host operations.
+    fn at_capacity(&self) -> bool {
+        self.in_flight() >= usize::from(self.queue_size)
+            || self.engine.in_flight() >= MAX_OPS_IN_FLIGHT
+    }
+
     /// Requests in flight (parked ones included).
     pub fn in_flight(&self) -> usize {
         self.slots.len() - self.free.len() + self.parked.len()
@@ -234,7 +245,7 @@ impl QueueWorker {
                 for _ in 0..pending {
                     // At most one request per queue entry in flight: a driver that offers the
                     // same head again before it was used cannot make us hold more.
-                    if self.in_flight() >= usize::from(self.queue_size) {
+                    if self.at_capacity() {
                         self.throttled = true;
                         break;
                     }
@@ -311,7 +322,7 @@ impl QueueWorker {
         self.retry_parked();
         self.engine.submit();
         self.publish(vring);
-        if self.throttled && self.in_flight() < usize::from(self.queue_size) {
+        if self.throttled && !self.at_capacity() {
             // Chains left in the ring at the in-flight bound: their kick is already consumed.
             self.process_queue(vring, self.event_idx);
         }
