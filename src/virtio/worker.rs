@@ -238,6 +238,8 @@ impl QueueWorker {
                 if event_idx {
                     let _ = vring.disable_notification();
                 }
+                // Stopped (GET_VRING_BASE) while we were at it: the chains stay in the ring.
+                let ready = vring.get_ref().get_queue().ready();
                 let (pending, mut problem) = match avail_pending(vring, &mem) {
                     Ok(n) => (n, None),
                     Err(reason) => (0, Some(reason)),
@@ -269,7 +271,8 @@ impl QueueWorker {
                     Some(_) => {}
                     None => self.broken = false,
                 }
-                if self.throttled
+                if !ready
+                    || self.throttled
                     || self.broken
                     || !event_idx
                     || !matches!(vring.enable_notification(), Ok(true))

@@ -424,3 +424,25 @@ fn requests_in_flight_never_exceed_the_queue_size() {
         .iter()
         .all(|&e| e == (u32::from(head), (64 << 10) + 1)));
 }
+
+#[test]
+fn a_queue_stopped_with_chains_pending_does_not_spin() {
+    // Found by the vhost_user_stream fuzz target: GET_VRING_BASE marks the queue not ready while
+    // a kick is being handled; with EVENT_IDX, enable_notification kept reporting the chains
+    // left in the ring and the worker looped forever (and GET_VRING_BASE waited for it).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut h = Harness::new(false, AioMode::IoUring);
+        let hdr = h.header(VIRTIO_BLK_T_IN, 0);
+        let data = h.alloc(512);
+        let st = h.status_buf();
+        h.add(&[Buf::R(hdr, 16), Buf::W(data, 512), Buf::W(st, 1)]);
+        h.vring.set_queue_ready(false);
+        h.worker.process_queue(&h.vring, true);
+        let _ = tx.send(h.used().len());
+    });
+    let used = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("process_queue on a stopped queue did not return");
+    assert_eq!(used, 0);
+}
