@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the cargo-fuzz targets in contrib/fuzz (AddressSanitizer) and runs each for
 # FUZZ_SECONDS (default 20) from the committed seeds. New corpus entries go to a temporary
-# directory; crashes to contrib/fuzz/artifacts/<target>/. Usage: scripts/fuzz.sh [target...]
+# directory; crashes to contrib/fuzz/artifacts/<target>/. FUZZ_SEED (default 1) fixes the
+# random seed. Usage: scripts/fuzz.sh [target...]
 # Only stable Rust is needed: RUSTC_BOOTSTRAP=1 unlocks the sanitizer flags cargo-fuzz passes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +27,8 @@ for t in "${targets[@]}"; do
     echo "fuzz: $t for ${seconds}s"
     # -timeout: an input that takes 10 s is a hang; -rss_limit_mb: bounded memory.
     if ! cargo fuzz run --fuzz-dir contrib/fuzz "$t" "$work/$t" "contrib/fuzz/corpus/$t" -- \
-        -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+        -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -seed="${FUZZ_SEED:-1}" \
+        -print_final_stats=1 \
         >"$work/$t.log" 2>&1; then
         tail -n 60 "$work/$t.log"
         echo "fuzz: $t failed (input saved under contrib/fuzz/artifacts/$t/)"
