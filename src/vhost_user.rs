@@ -2,6 +2,7 @@
 //! (interior mutability, one lock per queue), so every queue thread runs in parallel.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -182,7 +183,19 @@ impl VhostUserBackend for VhostUserBlk {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        // vhost-user-backend 0.24 adds the consumer to the thread's epoll set with
+        // `into_raw_fd()` and never closes it: one descriptor leaked per queue thread and
+        // connection, until a front-end that reconnects often exhausts them. Both ends are the
+        // same eventfd, so hand it the notifier's own descriptor as the consumer; the notifier,
+        // which vhost-user-backend keeps and drops with the thread's handler, closes it once.
+        drop(consumer);
+        // SAFETY: the descriptor is open (owned by `notifier`). vhost-user-backend 0.24 never
+        // drops or closes the consumer (it only takes its raw number for epoll), so it is closed
+        // exactly once, by `notifier`, after the polling thread is done with it. Revisit on an
+        // upgrade: tests/hostile_vhost_user.rs counts the daemon's descriptors across reconnects.
+        let consumer = unsafe { EventConsumer::from_raw_fd(notifier.as_raw_fd()) };
+        Some((consumer, notifier))
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
