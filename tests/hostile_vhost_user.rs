@@ -386,3 +386,30 @@ fn avail_ring_at_guest_address_zero_does_not_spin() {
     drop(h);
     s.healthy();
 }
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn reconnects_leak_no_descriptors() {
+    // vhost-user-backend leaked each queue thread's exit eventfd: two descriptors per
+    // connection here, until a front-end reconnecting in a loop exhausted the daemon's limit.
+    let s = setup();
+    let pid = s.daemon.child.id();
+    let mut counts = Vec::new();
+    for _ in 0..12 {
+        // While a connection is up, the previous one is completely torn down (the daemon serves
+        // one at a time).
+        let mut h = s.connect();
+        assert_eq!(h.read_ok(0, 0, 512), s.image[..512]);
+        counts.push(open_fds(pid));
+        drop(h);
+    }
+    assert!(
+        counts[2..].iter().all(|&n| n == counts[1]),
+        "descriptors per connection: {counts:?}"
+    );
+}
