@@ -1,7 +1,7 @@
 //! Hostile descriptor chains through a real vhost-user connection: each case fills guest memory
 //! with a canary pattern, sends one chain no driver would send, and checks the status the virtio
 //! spec asks for, the used length, that nothing outside the chain's writable buffers changed,
-//! and that the daemon is alive and both queues still serve a well-formed read.
+//! and then that the daemon is alive and both queues still serve a well-formed read.
 
 mod common;
 
@@ -62,7 +62,7 @@ impl Setup {
             self.daemon.log_text()
         );
         for q in 0..2 {
-            let got = self.h.read_ok(q, 3, 1024);
+            let got = self.h.read_ok_at(q, 3, 1024, HEALTH);
             assert_eq!(got, self.image[3 * 512..3 * 512 + 1024], "queue {q}");
         }
     }
@@ -88,10 +88,12 @@ impl Setup {
             self.h.mem.read(s, 1)[0]
         });
         assert_canaries(&self.h.mem, &before, &ok, 2);
-        match status {
+        let got = match status {
             Some(s) => (s, len),
             None => (CANARY, len),
-        }
+        };
+        self.healthy();
+        got
     }
 }
 
@@ -427,6 +429,7 @@ fn expect_refused(s: &mut Setup, status: u64, descs: &[Desc], table_len: u32, wh
         (len == 1 && got == IOERR) || (len == 0 && got == CANARY),
         "{what}: len {len} status {got}"
     );
+    s.healthy();
 }
 
 #[test]
@@ -538,7 +541,9 @@ fn discard(s: &mut Setup, kind: u32, segs: &[[u8; 16]], extra: usize) -> u8 {
     let (_, len) = s.h.wait_used(0);
     assert_eq!(len, 1);
     assert_canaries(&s.h.mem, &before, &[(STATUS, 1)], 2);
-    s.h.mem.read(STATUS, 1)[0]
+    let status = s.h.mem.read(STATUS, 1)[0];
+    s.healthy();
+    status
 }
 
 fn image_now(s: &Setup) -> Vec<u8> {

@@ -35,6 +35,8 @@ pub const BUF: u64 = 0x10_0000;
 pub const HDR: u64 = BUF;
 pub const DATA: u64 = BUF + 0x1000;
 pub const STATUS: u64 = BUF + 0x800;
+/// Where health checks put their buffers (away from what a test inspects).
+pub const HEALTH: u64 = BUF + 0xc_0000;
 /// The byte the canary check fills guest memory with.
 pub const CANARY: u8 = 0xa5;
 
@@ -472,20 +474,40 @@ impl HostileFrontend {
     /// A well-formed request through the conventional places: header at HDR, status at STATUS,
     /// `data` (readable for writes, writable otherwise) at DATA. Returns (status, used len).
     pub fn request(&mut self, q: usize, kind: u32, sector: u64, data: Buf) -> (u8, u32) {
-        self.mem.write(HDR, &header(kind, sector));
-        self.mem.write(STATUS, &[0xff]);
-        self.submit(q, &[Buf::R(HDR, 16), data, Buf::W(STATUS, 1)]);
+        self.request_at(q, kind, sector, data, HDR)
+    }
+
+    /// [`Self::request`] with the header at `hdr` and the status byte 0x800 after it.
+    pub fn request_at(
+        &mut self,
+        q: usize,
+        kind: u32,
+        sector: u64,
+        data: Buf,
+        hdr: u64,
+    ) -> (u8, u32) {
+        let status = hdr + 0x800;
+        self.mem.write(hdr, &header(kind, sector));
+        self.mem.write(status, &[0xff]);
+        self.submit(q, &[Buf::R(hdr, 16), data, Buf::W(status, 1)]);
         let (_, len) = self.wait_used(q);
-        (self.mem.read(STATUS, 1)[0], len)
+        (self.mem.read(status, 1)[0], len)
     }
 
     /// Reads `len` bytes at `sector` the proper way; asserts success and returns the data.
     pub fn read_ok(&mut self, q: usize, sector: u64, len: u32) -> Vec<u8> {
-        self.mem.fill(DATA, len as usize, 0xee);
-        let (status, used) = self.request(q, 0, sector, Buf::W(DATA, len));
+        self.read_ok_at(q, sector, len, HDR)
+    }
+
+    /// [`Self::read_ok`] with its buffers from `base` on (header, status at +0x800, data at
+    /// +0x1000), to leave the conventional places alone.
+    pub fn read_ok_at(&mut self, q: usize, sector: u64, len: u32, base: u64) -> Vec<u8> {
+        let data = base + 0x1000;
+        self.mem.fill(data, len as usize, 0xee);
+        let (status, used) = self.request_at(q, 0, sector, Buf::W(data, len), base);
         assert_eq!(status, 0, "a well-formed read failed");
         assert_eq!(used, len + 1);
-        self.mem.read(DATA, len as usize)
+        self.mem.read(data, len as usize)
     }
 }
 
