@@ -694,3 +694,42 @@ fn avail_index_far_ahead_stops_the_queue_without_spinning() {
         assert!(daemon.child.try_wait().unwrap().is_none());
     }
 }
+
+#[test]
+fn reads_over_256_mib_are_ioerr_even_from_a_small_buffer() {
+    // Every data descriptor names the same 1 MiB of guest memory: a huge request costs the
+    // guest nothing, so the device caps what one request may carry (memory is spent per host
+    // extent while planning it).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("big.raw");
+    std::fs::File::create(&path)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let daemon = Daemon::start(dir.path(), &path, &["--format", "raw"]);
+    let mut h = HostileFrontend::connect(daemon.path(), Options::default());
+    let table = BUF + 0x8000;
+    for (mib, expect) in [(256u64, OK), (257, IOERR)] {
+        let mut bufs = vec![Buf::R(HDR, 16)];
+        bufs.extend((0..mib).map(|_| Buf::W(REGION, 1 << 20)));
+        bufs.push(Buf::W(STATUS, 1));
+        let descs = linked(&bufs, 0);
+        for (i, d) in descs.iter().enumerate() {
+            h.mem.write(table + 16 * i as u64, &d.to_bytes());
+        }
+        h.mem.write(HDR, &hdr(VIRTIO_BLK_T_IN, 0));
+        h.mem.write(STATUS, &[0xff]);
+        h.put_descs(0, 0, &[Desc::indirect(table, 16 * descs.len() as u32)]);
+        h.offer(0, 0);
+        h.kick(0);
+        let (_, len) = h.wait_used(0);
+        assert_eq!(h.mem.read(STATUS, 1)[0], expect, "{mib} MiB");
+        let want_len = if expect == OK {
+            (mib << 20) as u32 + 1
+        } else {
+            1
+        };
+        assert_eq!(len, want_len, "{mib} MiB");
+    }
+    assert_eq!(h.read_ok(0, 0, 512), vec![0; 512]);
+}

@@ -36,6 +36,11 @@ pub type Vring = VringRwLock<GuestMemAtomic>;
 /// How long a queue polls its ring for more requests before going back to sleep.
 const POLL: std::time::Duration = std::time::Duration::from_micros(20);
 
+/// Most data one read or write may carry. Planning costs memory per host extent (one per
+/// cluster on a fragmented image), and descriptors may all point at the same guest buffer, so a
+/// chain of 4 GiB costs the guest nothing; drivers send a few MiB (Linux: `max_sectors_kb`).
+pub const MAX_REQUEST_BYTES: u64 = 256 << 20;
+
 /// Host operations a queue keeps in flight before it stops taking new requests (each holds an
 /// iovec list; a request on a fragmented image can need one per cluster).
 const MAX_OPS_IN_FLIGHT: usize = 1 << 16;
@@ -669,6 +674,9 @@ impl QueueWorker {
     ) -> Result<(), RequestError> {
         let write = req.kind == RequestType::Out;
         let len = guest::total(&req.data);
+        if len > MAX_REQUEST_BYTES {
+            return Err(RequestError::TooLarge(len));
+        }
         let offset = self.byte_range(req.sector, len)?;
         if write && self.settings.read_only {
             return Err(BlockError::ReadOnly.into());
