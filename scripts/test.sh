@@ -41,6 +41,8 @@ done
 
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
+# Fuzz smoke run: every cargo-fuzz target for 20 s from the seeds (docs/security.md).
+scripts/fuzz.sh
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --no-fail-fast
     cargo test --doc

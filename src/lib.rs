@@ -29,6 +29,8 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod io;
 pub mod tools;
 pub mod util;

@@ -409,3 +409,26 @@ fn qemu_io_raw(dir: &Path, image: &str, cmds: &[&str]) {
     let cmds: Vec<String> = cmds.iter().map(|s| s.to_string()).collect();
     common::qemu::qemu_io_fmt(dir, "raw", image, &cmds);
 }
+
+#[test]
+fn metadata_counted_as_free_is_refused_for_writing() {
+    // The L1 table's cluster with refcount 0: a writable open would hand it to guest data.
+    let dir = tempfile::tempdir().unwrap();
+    let img = base(dir.path(), "");
+    let cluster_bits = be32(&img, 20);
+    let l1_cluster = be64(&img, 40) >> cluster_bits;
+    let block = be64(&img, be64(&img, 48)); // refcount table entry 0
+    let refcount_bits = 1u64 << be32(&img, 96);
+    assert_eq!(refcount_bits, 16);
+    put(&img, block + 2 * l1_cluster, &[0, 0]);
+    refused(
+        dir.path(),
+        &img,
+        &[],
+        &format!("metadata cluster {l1_cluster} has refcount 0"),
+    );
+    // Reading is still fine.
+    let d = Daemon::start(dir.path(), &img, &["--format", "qcow2", "--read-only"]);
+    let mut c = Client::connect(d.path(), 1, true).unwrap();
+    assert_eq!(c.read(0, 0, 4096).unwrap(), vec![0x5a; 4096]);
+}

@@ -36,6 +36,9 @@ pub enum RequestError {
     /// Sector arithmetic overflows.
     #[error("sector {0} overflows")]
     Overflow(u64),
+    /// A read or write carrying more data than the device accepts in one request.
+    #[error("request of {0} bytes exceeds the per-request limit")]
+    TooLarge(u64),
     /// A guest write would plant an image header in sector 0 of a probed raw image.
     #[error("refusing to write a {0} header to sector 0 of a probed raw image (use --format raw)")]
     ProtectedHeader(&'static str),
@@ -59,6 +62,7 @@ impl RequestError {
             | RequestError::SegmentTooLarge(_)
             | RequestError::Misaligned { .. }
             | RequestError::Overflow(_)
+            | RequestError::TooLarge(_)
             | RequestError::ProtectedHeader(_)
             | RequestError::Block(_)
             | RequestError::Host(_) => VIRTIO_BLK_S_IOERR,

@@ -40,6 +40,15 @@ const POLL: std::time::Duration = std::time::Duration::from_micros(20);
 /// completions are posted only when this thread does.
 const POKE_EVERY: u32 = 64;
 
+/// Most data one read or write may carry. Planning costs memory per host extent (one per
+/// cluster on a fragmented image), and descriptors may all point at the same guest buffer, so a
+/// chain of 4 GiB costs the guest nothing; drivers send a few MiB (Linux: `max_sectors_kb`).
+pub const MAX_REQUEST_BYTES: u64 = 256 << 20;
+
+/// Host operations a queue keeps in flight before it stops taking new requests (each holds an
+/// iovec list; a request on a fragmented image can need one per cluster).
+const MAX_OPS_IN_FLIGHT: usize = 1 << 16;
+
 /// Size of the O_DIRECT bounce buffer used for misaligned guest buffers.
 const BOUNCE_LEN: usize = 1 << 20;
 
@@ -140,6 +149,44 @@ pub struct QueueWorker {
     scratch: Scratch,
     waker: Waker,
     parked: Vec<Parked>,
+    /// Size of the queue as last seen: the bound on requests in flight.
+    queue_size: u16,
+    /// Whether the last kick's EVENT_IDX setting was on (for resuming after throttling).
+    event_idx: bool,
+    /// Chains were left in the avail ring because `queue_size` requests were in flight.
+    throttled: bool,
+    /// The avail ring was unusable at the last look (reported once until it recovers).
+    broken: bool,
+}
+
+/// Chains the driver has made available on a queue, or why its avail ring cannot be used.
+///
+/// virtio-queue would log an error for a bad ring at every pop (and a spinning poller would call
+/// it in a loop); checking first keeps a broken ring a quiet, stopped queue.
+fn avail_pending(vring: &Vring, mem: &GuestMem) -> Result<u16, &'static str> {
+    let state = vring.get_ref();
+    let q = state.get_queue();
+    if !q.ready() {
+        return Ok(0);
+    }
+    let n = u64::from(q.size());
+    let fits = |addr: u64, len: u64| {
+        vm_memory::GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize)
+    };
+    if !fits(q.desc_table(), 16 * n) || !fits(q.avail_ring(), 6 + 2 * n) {
+        return Err("descriptor table or avail ring outside guest memory");
+    }
+    if !fits(q.used_ring(), 6 + 8 * n) {
+        return Err("used ring outside guest memory");
+    }
+    let avail = q
+        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .map_err(|_| "avail ring outside guest memory")?;
+    let pending = avail.0.wrapping_sub(q.next_avail());
+    if pending > q.size() {
+        return Err("avail index more than a queue size ahead of the device");
+    }
+    Ok(pending)
 }
 
 impl QueueWorker {
@@ -173,12 +220,23 @@ impl QueueWorker {
             scratch: Scratch::default(),
             waker,
             parked: Vec::new(),
+            queue_size: 0,
+            event_idx: false,
+            throttled: false,
+            broken: false,
         }
     }
 
     /// The engine's completion eventfd, to register in the queue thread's epoll.
     pub fn notify_fd(&self) -> std::os::unix::io::RawFd {
         self.engine.notify_fd()
+    }
+
+    /// Whether to leave further chains in the ring for now: as many requests in flight as the
+    /// queue has entries, or [`MAX_OPS_IN_FLIGHT`] host operations.
+    fn at_capacity(&self) -> bool {
+        self.in_flight() >= usize::from(self.queue_size)
+            || self.engine.in_flight() >= MAX_OPS_IN_FLIGHT
     }
 
     /// Requests in flight (parked ones included).
@@ -191,6 +249,9 @@ impl QueueWorker {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
+        self.event_idx = event_idx;
+        self.throttled = false;
+        self.queue_size = vring.get_ref().get_queue().size();
         let mut deadline = None;
         loop {
             // A fresh look at the memory map for every batch: the front-end may have added a
@@ -200,15 +261,45 @@ impl QueueWorker {
                 if event_idx {
                     let _ = vring.disable_notification();
                 }
-                loop {
+                // Stopped (GET_VRING_BASE) while we were at it: the chains stay in the ring.
+                let ready = vring.get_ref().get_queue().ready();
+                let (pending, mut problem) = match avail_pending(vring, &mem) {
+                    Ok(n) => (n, None),
+                    Err(reason) => (0, Some(reason)),
+                };
+                for _ in 0..pending {
+                    // At most one request per queue entry in flight: a driver that offers the
+                    // same head again before it was used cannot make us hold more.
+                    if self.at_capacity() {
+                        self.throttled = true;
+                        break;
+                    }
                     let chain = vring
                         .get_mut()
                         .get_queue_mut()
                         .pop_descriptor_chain(mem.clone());
-                    let Some(chain) = chain else { break };
+                    let Some(chain) = chain else {
+                        // virtio-queue refuses a ring our checks accept (an avail ring at guest
+                        // address 0 counts as not ready): the chains stay, so must we.
+                        problem = Some("avail ring unusable");
+                        break;
+                    };
                     self.start(chain, &mem);
                 }
-                if !event_idx || !matches!(vring.enable_notification(), Ok(true)) {
+                match problem {
+                    // Reported once until the ring recovers.
+                    Some(reason) if !std::mem::replace(&mut self.broken, true) => {
+                        guest_warn!("queue {}: {reason}; queue stopped", self.index)
+                    }
+                    Some(_) => {}
+                    None => self.broken = false,
+                }
+                if !ready
+                    || self.throttled
+                    || self.broken
+                    || !event_idx
+                    || !matches!(vring.enable_notification(), Ok(true))
+                {
                     break;
                 }
             }
@@ -224,7 +315,11 @@ impl QueueWorker {
             // Poll the ring briefly before sleeping: a driver that keeps the queue busy then
             // needs no kick and we no wake-up (notifications stay enabled meanwhile).
             let until = *deadline.get_or_insert_with(|| Instant::now() + POLL);
-            if !event_idx || !self.wait_for_avail(vring, &mem, until) {
+            if !event_idx
+                || self.throttled
+                || self.broken
+                || !self.wait_for_avail(vring, &mem, until)
+            {
                 break;
             }
             deadline = Some(Instant::now() + POLL);
@@ -242,14 +337,10 @@ impl QueueWorker {
                     return true;
                 }
             }
-            let state = vring.get_ref();
-            let q = state.get_queue();
-            if let Ok(avail) = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) {
-                if avail.0 != q.next_avail() {
-                    return true;
-                }
+            // A broken ring is not work: it would make us spin on it.
+            if matches!(avail_pending(vring, mem), Ok(n) if n > 0) {
+                return true;
             }
-            drop(state);
             if Instant::now() >= until {
                 return false;
             }
@@ -265,6 +356,10 @@ impl QueueWorker {
         self.retry_parked();
         self.engine.submit();
         self.publish(vring);
+        if self.throttled && !self.at_capacity() {
+            // Chains left in the ring at the in-flight bound: their kick is already consumed.
+            self.process_queue(vring, self.event_idx);
+        }
     }
 
     /// Waits for every in-flight request and completes it (GET_VRING_BASE, disconnect, exit).
@@ -293,6 +388,15 @@ impl QueueWorker {
 
     fn start(&mut self, chain: DescriptorChain<Arc<GuestMem>>, popped_with: &Arc<GuestMem>) {
         let head = chain.head_index();
+        if head >= self.queue_size {
+            // Not a descriptor at all: nothing to parse and nothing the used ring can name.
+            guest_warn!(
+                "queue {}: avail ring names descriptor {head} of {}; ignored",
+                self.index,
+                self.queue_size
+            );
+            return;
+        }
         // The map current now: a region the driver added just before making this chain available
         // may be missing from the one the chain was popped with.
         let latest = self.mem.memory().into_inner();
@@ -615,6 +719,9 @@ impl QueueWorker {
     ) -> Result<(), RequestError> {
         let write = req.kind == RequestType::Out;
         let len = guest::total(&req.data);
+        if len > MAX_REQUEST_BYTES {
+            return Err(RequestError::TooLarge(len));
+        }
         let offset = self.byte_range(req.sector, len)?;
         if write && self.settings.read_only {
             return Err(BlockError::ReadOnly.into());

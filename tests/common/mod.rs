@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
+pub mod frontend;
 pub mod guest;
 pub mod qemu;
 

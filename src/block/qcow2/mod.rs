@@ -251,6 +251,16 @@ impl Qcow2Image {
                 reason: format!("{e}; repair it with `vhost-device-blk check --repair all`"),
             }
         })?;
+        // Allocation trusts the refcounts: a metadata cluster counted as free would be handed
+        // to guest data and overwritten (QEMU's overlap checks guard the same case).
+        if let Some(c) = self.unreferenced_metadata(&refcounts) {
+            return Err(OpenError::Refused {
+                path: self.path.clone(),
+                reason: format!(
+                    "metadata cluster {c} has refcount 0; repair it with `vhost-device-blk check --repair all`"
+                ),
+            });
+        }
         let regular = self.file.file.metadata().is_ok_and(|m| m.is_file());
         self.writable = Some(write::Writable::new(
             refcounts,
@@ -266,6 +276,40 @@ impl Qcow2Image {
             self.drop_bitmaps()?;
         }
         Ok(())
+    }
+
+    /// The first cluster of the header, refcount table, refcount blocks, L1 table or an L2
+    /// table inside the file whose refcount is 0 (references past the end of the file are
+    /// reported as corruption when used).
+    fn unreferenced_metadata(&self, refcounts: &refcount::Refcounts) -> Option<u64> {
+        let h = &self.header;
+        let cb = h.cluster_bits;
+        let file_clusters = self.file.size.div_ceil(h.cluster_size());
+        let span = |offset: u64, bytes: u64| {
+            let first = offset >> cb;
+            first..first + bytes.div_ceil(h.cluster_size())
+        };
+        let tables = span(0, 1)
+            .chain(span(
+                h.refcount_table_offset,
+                u64::from(h.refcount_table_clusters) << cb,
+            ))
+            .chain(span(h.l1_table_offset, u64::from(h.l1_size) * 8));
+        let l1 = self.l1.read().unwrap_or_else(PoisonError::into_inner);
+        let blocks = refcounts
+            .table
+            .iter()
+            .map(|&e| (e & l2::OFFSET_MASK) >> cb)
+            .filter(|&c| c != 0);
+        let l2 = l1
+            .iter()
+            .map(|&e| e & l2::OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .map(|o| o >> cb);
+        tables
+            .chain(blocks)
+            .chain(l2)
+            .find(|&c| c < file_clusters && refcounts.get(c) == 0)
     }
 
     /// Removes persistent bitmaps we cannot keep up to date: header extension, autoclear bit

@@ -535,3 +535,67 @@ fn copy_on_write_reads_complete_before_their_write_and_failures_fail_the_request
         }
     }
 }
+
+#[test]
+fn requests_in_flight_never_exceed_the_queue_size() {
+    // A driver may offer the same head again before the device used it: the worker takes at
+    // most a queue's worth, leaves the rest in the ring and picks it up as requests complete.
+    let mut h = Harness::new(true, AioMode::Threads);
+    let hdr = h.header(VIRTIO_BLK_T_IN, 0);
+    let data = h.alloc(64 << 10);
+    let st = h.status_buf();
+    let head = h.add(&[Buf::R(hdr, 16), Buf::W(data, 64 << 10), Buf::W(st, 1)]);
+    let offer = |h: &Harness, n: u16| {
+        let m = h.mem.memory();
+        let idx: u16 = m.read_obj(GuestAddress(AVAIL + 2)).unwrap();
+        for i in 0..n {
+            let at = AVAIL + 4 + 2 * u64::from(idx.wrapping_add(i) % QSIZE);
+            m.write_obj(head, GuestAddress(at)).unwrap();
+        }
+        m.write_obj(idx.wrapping_add(n), GuestAddress(AVAIL + 2))
+            .unwrap();
+    };
+    offer(&h, QSIZE - 1); // one is already offered by `add`
+    h.worker.process_queue(&h.vring, false);
+    assert!(h.worker.in_flight() <= usize::from(QSIZE));
+    offer(&h, QSIZE);
+    h.worker.process_queue(&h.vring, false);
+    assert!(h.worker.in_flight() <= usize::from(QSIZE));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let used_idx =
+        |h: &Harness| -> u16 { h.mem.memory().read_obj(GuestAddress(USED + 2)).unwrap() };
+    while used_idx(&h) < 2 * QSIZE {
+        assert!(std::time::Instant::now() < deadline, "requests left behind");
+        h.worker.drain();
+        h.worker.process_completions(&h.vring);
+        assert!(h.worker.in_flight() <= usize::from(QSIZE));
+    }
+    assert_eq!(used_idx(&h), 2 * QSIZE);
+    // The ring holds the last QSIZE entries.
+    let ring = h.used();
+    assert!(ring[..usize::from(QSIZE)]
+        .iter()
+        .all(|&e| e == (u32::from(head), (64 << 10) + 1)));
+}
+
+#[test]
+fn a_queue_stopped_with_chains_pending_does_not_spin() {
+    // Found by the vhost_user_stream fuzz target: GET_VRING_BASE marks the queue not ready while
+    // a kick is being handled; with EVENT_IDX, enable_notification kept reporting the chains
+    // left in the ring and the worker looped forever (and GET_VRING_BASE waited for it).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut h = Harness::new(false, AioMode::IoUring);
+        let hdr = h.header(VIRTIO_BLK_T_IN, 0);
+        let data = h.alloc(512);
+        let st = h.status_buf();
+        h.add(&[Buf::R(hdr, 16), Buf::W(data, 512), Buf::W(st, 1)]);
+        h.vring.set_queue_ready(false);
+        h.worker.process_queue(&h.vring, true);
+        let _ = tx.send(h.used().len());
+    });
+    let used = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("process_queue on a stopped queue did not return");
+    assert_eq!(used, 0);
+}
