@@ -162,8 +162,9 @@ fn rings_running_off_the_end_of_memory_do_not_hurt() {
     assert_eq!(h.read_ok(1, 2, 512), s.image[1024..1536]);
     drop(h);
     // Nothing written past the end, one rate-limited complaint, no error line per kick.
-    let log = s.daemon.log_text();
-    assert!(log.contains("queue 0: descriptor table or avail ring outside guest memory"));
+    let log = s
+        .daemon
+        .wait_for_log("queue 0: descriptor table or avail ring outside guest memory");
     let noisy = log.lines().filter(|l| l.contains("ERROR")).count();
     assert!(noisy <= 1, "{noisy} error lines:\n{log}");
     s.healthy();
