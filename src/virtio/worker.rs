@@ -36,6 +36,8 @@ pub type Vring = VringRwLock<GuestMemAtomic>;
 
 /// How long a queue polls its ring for more requests before going back to sleep.
 const POLL: std::time::Duration = std::time::Duration::from_micros(20);
+/// How long it polls while its host I/O is in flight (O_DIRECT reads take ~60 µs here).
+const POLL_IO: std::time::Duration = std::time::Duration::from_micros(100);
 /// While host I/O is in flight, enter the kernel every this many spins of the poll loop: its
 /// completions are posted only when this thread does.
 const POKE_EVERY: u32 = 64;
@@ -314,7 +316,14 @@ impl QueueWorker {
             self.publish(vring);
             // Poll the ring briefly before sleeping: a driver that keeps the queue busy then
             // needs no kick and we no wake-up (notifications stay enabled meanwhile).
-            let until = *deadline.get_or_insert_with(|| Instant::now() + POLL);
+            // Longer while host I/O is in flight: its completion would otherwise cost a sleep
+            // and a wake-up.
+            let window = if self.engine.in_flight() > 0 {
+                POLL_IO
+            } else {
+                POLL
+            };
+            let until = *deadline.get_or_insert_with(|| Instant::now() + window);
             if !event_idx
                 || self.throttled
                 || self.broken
@@ -322,7 +331,7 @@ impl QueueWorker {
             {
                 break;
             }
-            deadline = Some(Instant::now() + POLL);
+            deadline = None;
         }
     }
 
