@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::frontend::*;
-use common::{pattern_image, Daemon};
+use common::{cpu_ticks, pattern_image, Daemon};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 
@@ -647,13 +647,6 @@ fn head_index_past_the_queue_is_dropped() {
 
 fn log_lines(d: &Daemon, what: &str) -> usize {
     d.log_text().lines().filter(|l| l.contains(what)).count()
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
 #[test]

@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::frontend::*;
-use common::{pattern_image, Daemon};
+use common::{cpu_ticks, pattern_image, Daemon};
 use vhost::vhost_user::message::VhostUserConfigFlags;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::{VhostBackend, VringConfigData};
@@ -337,13 +337,6 @@ fn memory_regions_larger_than_their_file_are_refused() {
     assert!(h.fe.add_mem_region(&region).is_err());
     drop(h);
     s.healthy();
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
 #[test]

@@ -300,3 +300,11 @@ pub fn put(p: &Path, at: u64, bytes: &[u8]) {
     let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
     f.write_all_at(bytes, at).unwrap();
 }
+
+/// CPU time (user + system, in clock ticks) a process has used so far.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}

@@ -60,8 +60,8 @@ pub(super) enum Grow {
     Reserve,
 }
 
-/// The file grows ahead of allocation in steps of at least this many bytes (and 16 clusters), as
-/// a hole: writes below the end of the file are not size-extending, and file systems serialize
+/// The file grows ahead of allocation in steps of at least this many bytes (and 16 clusters):
+/// writes below the end of the file are not size-extending, and file systems serialize
 /// size-extending O_DIRECT writes (ext4 waits for each one to complete).
 const GROW_STEP: u64 = 8 << 20;
 
@@ -730,8 +730,8 @@ impl Qcow2Image {
         }
         lock(&w.meta).refcounts.release(&freed);
         if close {
-            // Cut the file back to its last cluster.
-            let end = w.end_bytes();
+            // Cut the file back to its last cluster (whatever the refcounts placed last stays).
+            let end = (lock(&w.meta).refcounts.end << self.header.cluster_bits).max(w.end_bytes());
             if lock(&w.meta).grown_to.is_some_and(|p| p > end) {
                 self.file.file.set_len(end).map_err(io)?;
                 lock(&w.meta).grown_to = Some(end);
