@@ -6,14 +6,17 @@
 //! completed; then the status byte is written and the chain returned to the used ring.
 
 use std::io;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use log::{debug, info};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
 
 use super::guest::{self, IovCursor};
 use super::request::{self, ParseError, Request, RequestType};
@@ -41,6 +44,9 @@ const POLL_IO: std::time::Duration = std::time::Duration::from_micros(100);
 /// While host I/O is in flight, enter the kernel every this many spins of the poll loop: its
 /// completions are posted only when this thread does.
 const POKE_EVERY: u32 = 64;
+
+/// Bursts up to this many chains are processed in one batch (see [`first_part`]).
+const BURST_MIN: u16 = 8;
 
 /// Most data one read or write may carry. Planning costs memory per host extent (one per
 /// cluster on a fragmented image), and descriptors may all point at the same guest buffer, so a
@@ -159,36 +165,103 @@ pub struct QueueWorker {
     throttled: bool,
     /// The avail ring was unusable at the last look (reported once until it recovers).
     broken: bool,
+    /// Where the rings were found at the last look.
+    rings: Option<RingPlace>,
+}
+
+/// How many chains of a burst of `pending` to complete and publish before taking the rest.
+///
+/// A driver that waits for its completions (sleeping on the call eventfd) refills the ring only
+/// after it is woken, which takes longer than a request: publishing the first part of a large
+/// burst early lets it refill while the queue works through the rest, instead of both sides
+/// taking turns. Small bursts are taken whole, and so is the rest of a cut burst: every
+/// notification costs a wake-up.
+fn first_part(pending: u16) -> u16 {
+    if pending > BURST_MIN {
+        (pending / 3).max(BURST_MIN)
+    } else {
+        pending
+    }
+}
+
+/// Where a queue's rings were last found to lie inside guest memory, so that polling the avail
+/// index does not redo the range checks and vm-memory's region lookup at every look.
+struct RingPlace {
+    /// The memory map the check was made against (compared by address; the weak reference keeps
+    /// the address from being reused by a later map).
+    mem: Weak<GuestMem>,
+    /// Descriptor table, avail ring and used ring addresses, and the queue size.
+    rings: (u64, u64, u64, u16),
+    /// The avail ring's `idx` field in host memory, mapped while `mem` is.
+    avail_idx: *const AtomicU16,
 }
 
 /// Chains the driver has made available on a queue, or why its avail ring cannot be used.
 ///
 /// virtio-queue would log an error for a bad ring at every pop (and a spinning poller would call
 /// it in a loop); checking first keeps a broken ring a quiet, stopped queue.
-fn avail_pending(vring: &Vring, mem: &GuestMem) -> Result<u16, &'static str> {
+fn avail_pending(
+    place: &mut Option<RingPlace>,
+    vring: &Vring,
+    mem: &Arc<GuestMem>,
+) -> Result<u16, &'static str> {
     let state = vring.get_ref();
     let q = state.get_queue();
     if !q.ready() {
         return Ok(0);
     }
-    let n = u64::from(q.size());
-    let fits = |addr: u64, len: u64| {
-        vm_memory::GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize)
+    let rings = (q.desc_table(), q.avail_ring(), q.used_ring(), q.size());
+    let known = place
+        .as_ref()
+        .filter(|p| p.rings == rings && std::ptr::eq(p.mem.as_ptr(), Arc::as_ptr(mem)));
+    let avail_idx = match known {
+        Some(p) => p.avail_idx,
+        None => {
+            *place = None;
+            let p = locate_rings(mem, rings)?;
+            let at = p.avail_idx;
+            *place = Some(p);
+            at
+        }
     };
-    if !fits(q.desc_table(), 16 * n) || !fits(q.avail_ring(), 6 + 2 * n) {
-        return Err("descriptor table or avail ring outside guest memory");
-    }
-    if !fits(q.used_ring(), 6 + 8 * n) {
-        return Err("used ring outside guest memory");
-    }
-    let avail = q
-        .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-        .map_err(|_| "avail ring outside guest memory")?;
-    let pending = avail.0.wrapping_sub(q.next_avail());
+    // SAFETY: `locate_rings` found these two aligned bytes inside one region of `mem`, which the
+    // caller's `Arc` keeps mapped; the driver writes them concurrently, hence the atomic load.
+    let avail = u16::from_le(unsafe { (*avail_idx).load(Ordering::Acquire) });
+    let pending = avail.wrapping_sub(q.next_avail());
     if pending > q.size() {
         return Err("avail index more than a queue size ahead of the device");
     }
     Ok(pending)
+}
+
+/// Checks that a queue's rings lie inside guest memory and finds its avail index.
+fn locate_rings(
+    mem: &Arc<GuestMem>,
+    (desc, avail, used, size): (u64, u64, u64, u16),
+) -> Result<RingPlace, &'static str> {
+    let n = u64::from(size);
+    let fits = |addr: u64, len: u64| {
+        GuestMemoryBackend::check_range(&**mem, GuestAddress(addr), len as usize)
+    };
+    if !fits(desc, 16 * n) || !fits(avail, 6 + 2 * n) {
+        return Err("descriptor table or avail ring outside guest memory");
+    }
+    if !fits(used, 6 + 8 * n) {
+        return Err("used ring outside guest memory");
+    }
+    let idx = avail
+        .checked_add(2)
+        .and_then(|a| GuestMemoryBackend::get_slice(&**mem, GuestAddress(a), 2).ok())
+        .ok_or("avail ring outside guest memory")?;
+    let ptr = idx.ptr_guard().as_ptr();
+    if ptr as usize % std::mem::align_of::<AtomicU16>() != 0 {
+        return Err("avail ring misaligned");
+    }
+    Ok(RingPlace {
+        mem: Arc::downgrade(mem),
+        rings: (desc, avail, used, size),
+        avail_idx: ptr.cast(),
+    })
 }
 
 impl QueueWorker {
@@ -226,6 +299,7 @@ impl QueueWorker {
             event_idx: false,
             throttled: false,
             broken: false,
+            rings: None,
         }
     }
 
@@ -255,6 +329,8 @@ impl QueueWorker {
         self.throttled = false;
         self.queue_size = vring.get_ref().get_queue().size();
         let mut deadline = None;
+        // Whether the last batch was the first part of a burst (see `first_part`).
+        let mut cut = false;
         loop {
             // A fresh look at the memory map for every batch: the front-end may have added a
             // region (ADD_MEM_REG) while we polled.
@@ -265,11 +341,18 @@ impl QueueWorker {
                 }
                 // Stopped (GET_VRING_BASE) while we were at it: the chains stay in the ring.
                 let ready = vring.get_ref().get_queue().ready();
-                let (pending, mut problem) = match avail_pending(vring, &mem) {
+                let (pending, mut problem) = match avail_pending(&mut self.rings, vring, &mem) {
                     Ok(n) => (n, None),
                     Err(reason) => (0, Some(reason)),
                 };
-                for _ in 0..pending {
+                // Without EVENT_IDX there is no polling to come back for the rest.
+                let take = if cut || !event_idx {
+                    pending
+                } else {
+                    first_part(pending)
+                };
+                cut = take < pending;
+                for _ in 0..take {
                     // At most one request per queue entry in flight: a driver that offers the
                     // same head again before it was used cannot make us hold more.
                     if self.at_capacity() {
@@ -296,7 +379,8 @@ impl QueueWorker {
                     Some(_) => {}
                     None => self.broken = false,
                 }
-                if !ready
+                if cut
+                    || !ready
                     || self.throttled
                     || self.broken
                     || !event_idx
@@ -336,7 +420,7 @@ impl QueueWorker {
     }
 
     /// Spins until the driver makes a chain available, host I/O completes or `until` passes.
-    fn wait_for_avail(&mut self, vring: &Vring, mem: &GuestMem, until: Instant) -> bool {
+    fn wait_for_avail(&mut self, vring: &Vring, mem: &Arc<GuestMem>, until: Instant) -> bool {
         let mut spins = 0u32;
         loop {
             spins = spins.wrapping_add(1);
@@ -347,7 +431,7 @@ impl QueueWorker {
                 }
             }
             // A broken ring is not work: it would make us spin on it.
-            if matches!(avail_pending(vring, mem), Ok(n) if n > 0) {
+            if matches!(avail_pending(&mut self.rings, vring, mem), Ok(n) if n > 0) {
                 return true;
             }
             if Instant::now() >= until {
@@ -1046,9 +1130,10 @@ unsafe fn copy_iov(iov: &[libc::iovec], buf: &mut [u8], to_buf: bool) {
     }
 }
 
-// SAFETY: the only non-Send fields are raw iovec pointers into guest memory (scratch `iov`, and
-// ops inside the engine); they are used by whichever single thread holds the worker's mutex, and
-// the memory they point to is kept alive by `Arc<GuestMem>` guards that are themselves Send.
+// SAFETY: the only non-Send fields are raw pointers into guest memory (scratch `iov`, ops inside
+// the engine, the avail index in `rings`); they are used by whichever single thread holds the
+// worker's mutex, and the memory they point to is kept alive by `Arc<GuestMem>` guards that are
+// themselves Send (`rings` is only dereferenced under the guard it was checked against).
 unsafe impl Send for QueueWorker {}
 
 impl Drop for QueueWorker {
