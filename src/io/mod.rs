@@ -134,7 +134,16 @@ impl Engine {
     /// Queues an operation; it is handed to the kernel at the next [`Engine::submit`].
     pub fn push(&mut self, op: IoOp) {
         match self {
-            Engine::Uring(e) => e.push(op),
+            Engine::Uring(e) => e.push(op, false),
+            Engine::Threads(e) => e.push(op),
+        }
+    }
+
+    /// Queues an operation to run beside this thread rather than on it where the engine can
+    /// (io_uring's workers): a large page-cache read then copies on another core.
+    pub fn push_offloaded(&mut self, op: IoOp) {
+        match self {
+            Engine::Uring(e) => e.push(op, true),
             Engine::Threads(e) => e.push(op),
         }
     }

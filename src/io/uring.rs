@@ -17,8 +17,9 @@ pub struct UringEngine {
     /// Operations by slot; the slot number is the SQE's user_data.
     slots: Vec<Option<IoOp>>,
     free: Vec<usize>,
-    /// Slots waiting for room in the submission queue.
-    pending: VecDeque<usize>,
+    /// Slots waiting for room in the submission queue, and whether to hand each to the kernel's
+    /// workers.
+    pending: VecDeque<(usize, bool)>,
     /// Slots the kernel owns (bounded by the completion queue's size).
     in_kernel: usize,
     cq_capacity: usize,
@@ -60,7 +61,7 @@ impl UringEngine {
         })
     }
 
-    pub(super) fn push(&mut self, op: IoOp) {
+    pub(super) fn push(&mut self, op: IoOp, offload: bool) {
         let slot = match self.free.pop() {
             Some(s) => {
                 self.slots[s] = Some(op);
@@ -72,10 +73,10 @@ impl UringEngine {
             }
         };
         self.in_flight += 1;
-        self.pending.push_back(slot);
+        self.pending.push_back((slot, offload));
     }
 
-    fn entry(op: &IoOp, slot: usize) -> squeue::Entry {
+    fn entry(op: &IoOp, slot: usize, offload: bool) -> squeue::Entry {
         let fd = types::Fd(op.fd);
         let e = match op.kind {
             OpKind::Read => opcode::Readv::new(fd, op.iov.as_ptr(), op.iov.len() as u32)
@@ -92,7 +93,12 @@ impl UringEngine {
                 .mode(mode)
                 .build(),
         };
-        e.user_data(slot as u64)
+        let e = e.user_data(slot as u64);
+        if offload {
+            e.flags(squeue::Flags::ASYNC)
+        } else {
+            e
+        }
     }
 
     pub(super) fn submit(&mut self) {
@@ -100,18 +106,18 @@ impl UringEngine {
         {
             let mut sq = self.ring.submission();
             while self.in_kernel + queued < self.cq_capacity && !sq.is_full() {
-                let Some(slot) = self.pending.pop_front() else {
+                let Some((slot, offload)) = self.pending.pop_front() else {
                     break;
                 };
                 let Some(op) = self.slots[slot].as_ref() else {
                     continue;
                 };
-                let entry = Self::entry(op, slot);
+                let entry = Self::entry(op, slot, offload);
                 // SAFETY: the iovec array and the buffers it points to live in `self.slots[slot]`
                 // and the submitter's request until this slot's completion is reaped; the slot's
                 // `IoOp` is not modified while the kernel owns it.
                 if unsafe { sq.push(&entry) }.is_err() {
-                    self.pending.push_front(slot);
+                    self.pending.push_front((slot, offload));
                     break;
                 }
                 queued += 1;
@@ -176,7 +182,7 @@ impl UringEngine {
                         // Short transfer: continue where the kernel stopped.
                         Transfer::advance(&mut op.iov, n);
                         op.offset += n as u64;
-                        self.pending.push_front(slot);
+                        self.pending.push_front((slot, false));
                         requeue = true;
                         continue;
                     } else {

@@ -57,6 +57,9 @@ pub const MAX_REQUEST_BYTES: u64 = 256 << 20;
 /// iovec list; a request on a fragmented image can need one per cluster).
 const MAX_OPS_IN_FLIGHT: usize = 1 << 16;
 
+/// Page-cache reads from this size on are split in two, one half copied by io_uring's workers.
+const OFFLOAD_MIN: u64 = 512 << 10;
+
 /// Size of the O_DIRECT bounce buffer used for misaligned guest buffers.
 const BOUNCE_LEN: usize = 1 << 20;
 
@@ -132,6 +135,8 @@ struct Plan {
     buffers: Vec<AlignedBuf>,
     /// Reads for the deferred write at the index they carry.
     fill_reads: Vec<(usize, IoOp)>,
+    /// Reads to run beside the queue's thread (see [`Engine::push_offloaded`]).
+    offloaded: Vec<IoOp>,
     deferred: Vec<Deferred>,
 }
 
@@ -520,7 +525,10 @@ impl QueueWorker {
         let status = req.status;
         match self.plan(&req, mem) {
             Ok(plan)
-                if plan.ops.is_empty() && plan.host_ops.is_empty() && plan.ticket.is_none() =>
+                if plan.ops.is_empty()
+                    && plan.offloaded.is_empty()
+                    && plan.host_ops.is_empty()
+                    && plan.ticket.is_none() =>
             {
                 self.finish(mem, head, status, Ok(plan.used_len));
             }
@@ -551,6 +559,12 @@ impl QueueWorker {
             _buffers: plan.buffers,
             deferred: plan.deferred,
         };
+        // Offloaded reads first: the kernel's worker starts while this thread copies its part.
+        for mut op in plan.offloaded {
+            op.tag = tag(slot, 0, 0);
+            req.pending += 1;
+            self.engine.push_offloaded(op);
+        }
         for mut op in plan.ops {
             op.tag = tag(slot, 0, 0);
             req.pending += 1;
@@ -898,20 +912,33 @@ impl QueueWorker {
                     }
                 }
                 Target::Data { fd, offset } => {
+                    // A large read from the page cache is a memory copy: the second half runs
+                    // beside this thread, on another core.
+                    let half = if !write && align <= 1 && ext.len >= OFFLOAD_MIN {
+                        (ext.len / 2).next_multiple_of(4096)
+                    } else {
+                        ext.len
+                    };
                     let mut done = 0;
                     while done < ext.len {
                         let mut iov = Vec::new();
-                        let n = cursor.take(ext.len - done, MAX_IOVECS, &mut iov);
+                        let part_end = if done < half { half } else { ext.len };
+                        let n = cursor.take(part_end - done, MAX_IOVECS, &mut iov);
                         if n == 0 {
                             break;
                         }
-                        plan.ops.push(IoOp {
+                        let op = IoOp {
                             fd,
                             offset: offset + done,
                             kind: if write { OpKind::Write } else { OpKind::Read },
                             iov,
                             tag: 0,
-                        });
+                        };
+                        if done < half {
+                            plan.ops.push(op);
+                        } else {
+                            plan.offloaded.push(op);
+                        }
                         done += n;
                     }
                 }

@@ -204,6 +204,38 @@ fn read_lands_in_guest_memory_and_counts_in_used_len() {
 }
 
 #[test]
+fn a_large_page_cache_read_split_across_threads_lands_whole() {
+    // Reads from OFFLOAD_MIN on are split, half of them run by io_uring's workers: every byte
+    // must still land where it belongs, across uneven guest buffers.
+    const LEN: usize = 768 << 10;
+    const AT: u64 = 128 << 10;
+    const FIRST: usize = 100 << 10;
+    assert!(LEN as u64 >= OFFLOAD_MIN);
+    let pattern: Vec<u8> = (0..LEN).map(|i| (i / 512 % 251) as u8).collect();
+    for aio in [AioMode::IoUring, AioMode::Threads] {
+        let mut h = Harness::new(false, aio);
+        h.image.as_file().write_all_at(&pattern, AT).unwrap();
+        let hdr = h.header(VIRTIO_BLK_T_IN, AT / 512);
+        let a = h.alloc(FIRST as u64);
+        let b = h.alloc((LEN - FIRST) as u64);
+        let st = h.status_buf();
+        let head = h.add(&[
+            Buf::R(hdr, 16),
+            Buf::W(a, FIRST as u32),
+            Buf::W(b, (LEN - FIRST) as u32),
+            Buf::W(st, 1),
+        ]);
+        assert_eq!(h.run(), vec![(u32::from(head), LEN as u32 + 1)]);
+        assert_eq!(h.byte(st), OK);
+        let mut got = vec![0u8; LEN];
+        let m = h.mem.memory();
+        m.read_slice(&mut got[..FIRST], GuestAddress(a)).unwrap();
+        m.read_slice(&mut got[FIRST..], GuestAddress(b)).unwrap();
+        assert!(got == pattern, "{aio:?}: the read's bytes landed elsewhere");
+    }
+}
+
+#[test]
 fn unknown_types_flags_and_segment_counts_are_unsupp() {
     let mut h = Harness::new(false, AioMode::IoUring);
     let mut expect = Vec::new();
