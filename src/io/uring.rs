@@ -24,6 +24,8 @@ pub struct UringEngine {
     in_kernel: usize,
     cq_capacity: usize,
     in_flight: usize,
+    /// The kernel has IORING_OP_READ/WRITE (5.6), cheaper than the vectored ones for one buffer.
+    plain_rw: bool,
 }
 
 impl UringEngine {
@@ -46,6 +48,8 @@ impl UringEngine {
                 ));
             }
         }
+        let plain_rw =
+            probe.is_supported(opcode::Read::CODE) && probe.is_supported(opcode::Write::CODE);
         let event = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(event.as_raw_fd())?;
         let cq_capacity = ring.params().cq_entries() as usize;
@@ -58,6 +62,7 @@ impl UringEngine {
             in_kernel: 0,
             cq_capacity,
             in_flight: 0,
+            plain_rw,
         })
     }
 
@@ -76,9 +81,25 @@ impl UringEngine {
         self.pending.push_back((slot, offload));
     }
 
-    fn entry(op: &IoOp, slot: usize, offload: bool) -> squeue::Entry {
+    fn entry(op: &IoOp, slot: usize, offload: bool, plain_rw: bool) -> squeue::Entry {
         let fd = types::Fd(op.fd);
+        let plain = plain_rw
+            && op
+                .iov
+                .first()
+                .is_some_and(|v| v.iov_len <= u32::MAX as usize);
         let e = match op.kind {
+            // One buffer: the plain opcodes spare the kernel importing an iovec array.
+            OpKind::Read if plain && op.iov.len() == 1 => {
+                opcode::Read::new(fd, op.iov[0].iov_base.cast(), op.iov[0].iov_len as u32)
+                    .offset(op.offset)
+                    .build()
+            }
+            OpKind::Write if plain && op.iov.len() == 1 => {
+                opcode::Write::new(fd, op.iov[0].iov_base.cast(), op.iov[0].iov_len as u32)
+                    .offset(op.offset)
+                    .build()
+            }
             OpKind::Read => opcode::Readv::new(fd, op.iov.as_ptr(), op.iov.len() as u32)
                 .offset(op.offset)
                 .build(),
@@ -112,7 +133,7 @@ impl UringEngine {
                 let Some(op) = self.slots[slot].as_ref() else {
                     continue;
                 };
-                let entry = Self::entry(op, slot, offload);
+                let entry = Self::entry(op, slot, offload, self.plain_rw);
                 // SAFETY: the iovec array and the buffers it points to live in `self.slots[slot]`
                 // and the submitter's request until this slot's completion is reaped; the slot's
                 // `IoOp` is not modified while the kernel owns it.
