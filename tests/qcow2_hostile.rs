@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::qemu::{qemu_io, sh};
+use common::qemu::{create_options, qemu_io, sh};
 use common::{be32, be64, put, Client, Daemon, BIN};
 
 const MIB: u64 = 1 << 20;
@@ -36,11 +36,7 @@ fn l2_entry_at(p: &Path, guest: u64) -> u64 {
 
 /// A valid 16 MiB image with data in its first clusters.
 fn base(dir: &Path, opts: &str) -> PathBuf {
-    let o = if opts.is_empty() {
-        String::new()
-    } else {
-        format!("-o {opts}")
-    };
+    let o = create_options(opts);
     sh(
         dir,
         &format!("qemu-img create -q -f qcow2 {o} img.qcow2 16M"),

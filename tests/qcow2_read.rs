@@ -5,7 +5,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::qemu::{qemu_check, qemu_io, qemu_raw, sh};
+use common::qemu::{create_options, qemu_check, qemu_io, qemu_raw, sh};
 use common::{Client, Daemon, Rng, REGION_LEN};
 
 const MIB: u64 = 1 << 20;
@@ -81,11 +81,7 @@ struct Case {
 }
 
 fn create(dir: &Path, opts: &str, size: u64) -> PathBuf {
-    let o = if opts.is_empty() {
-        String::new()
-    } else {
-        format!("-o {opts}")
-    };
+    let o = create_options(opts);
     sh(
         dir,
         &format!("qemu-img create -q -f qcow2 {o} img.qcow2 {size}"),

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::qemu::{qemu_check, qemu_io, qemu_io_fmt, qemu_raw, sh};
+use common::qemu::{create_options, qemu_check, qemu_io, qemu_io_fmt, qemu_raw, sh};
 use common::{signal, wait_timeout, Client, Daemon, Rng};
 
 const MIB: u64 = 1 << 20;
@@ -94,11 +94,7 @@ struct Case {
 }
 
 fn img(d: &Path, opts: &str, size: u64) {
-    let o = if opts.is_empty() {
-        String::new()
-    } else {
-        format!("-o {opts}")
-    };
+    let o = create_options(opts);
     sh(
         d,
         &format!("qemu-img create -q -f qcow2 {o} img.qcow2 {size}"),
@@ -414,11 +410,7 @@ fn sigkill_keeps_flushed_data_and_restart_repairs() {
         for kill_after_ms in [0u64, 30, 120] {
             let dir = tempfile::tempdir().unwrap();
             let d = dir.path();
-            let o = if opts.is_empty() {
-                String::new()
-            } else {
-                format!("-o {opts}")
-            };
+            let o = create_options(opts);
             sh(d, &format!("qemu-img create -q -f qcow2 {o} img.qcow2 64M"));
             let image = d.join("img.qcow2");
             let mut daemon = Daemon::start(d, &image, &["--format", "qcow2"]);
@@ -502,11 +494,7 @@ fn queues_racing_on_the_same_clusters() {
     for opts in ["", "extended_l2=on", "cluster_size=4k"] {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let o = if opts.is_empty() {
-            String::new()
-        } else {
-            format!("-o {opts}")
-        };
+        let o = create_options(opts);
         common::pattern_image(&d.join("base.raw"), 4 << 20, 3);
         sh(
             d,

@@ -83,33 +83,28 @@ impl UringEngine {
 
     fn entry(op: &IoOp, slot: usize, offload: bool, plain_rw: bool) -> squeue::Entry {
         let fd = types::Fd(op.fd);
-        let plain = plain_rw
-            && op
-                .iov
-                .first()
-                .is_some_and(|v| v.iov_len <= u32::MAX as usize);
-        let e = match op.kind {
-            // One buffer: the plain opcodes spare the kernel importing an iovec array.
-            OpKind::Read if plain && op.iov.len() == 1 => {
-                opcode::Read::new(fd, op.iov[0].iov_base.cast(), op.iov[0].iov_len as u32)
-                    .offset(op.offset)
-                    .build()
-            }
-            OpKind::Write if plain && op.iov.len() == 1 => {
-                opcode::Write::new(fd, op.iov[0].iov_base.cast(), op.iov[0].iov_len as u32)
-                    .offset(op.offset)
-                    .build()
-            }
-            OpKind::Read => opcode::Readv::new(fd, op.iov.as_ptr(), op.iov.len() as u32)
+        // One buffer: the plain opcodes spare the kernel importing an iovec array.
+        let single = match op.iov.as_slice() {
+            [v] if plain_rw && v.iov_len <= u32::MAX as usize => Some(v),
+            _ => None,
+        };
+        let e = match (op.kind, single) {
+            (OpKind::Read, Some(v)) => opcode::Read::new(fd, v.iov_base.cast(), v.iov_len as u32)
                 .offset(op.offset)
                 .build(),
-            OpKind::Write => opcode::Writev::new(fd, op.iov.as_ptr(), op.iov.len() as u32)
+            (OpKind::Write, Some(v)) => opcode::Write::new(fd, v.iov_base.cast(), v.iov_len as u32)
                 .offset(op.offset)
                 .build(),
-            OpKind::Fdatasync => opcode::Fsync::new(fd)
+            (OpKind::Read, None) => opcode::Readv::new(fd, op.iov.as_ptr(), op.iov.len() as u32)
+                .offset(op.offset)
+                .build(),
+            (OpKind::Write, None) => opcode::Writev::new(fd, op.iov.as_ptr(), op.iov.len() as u32)
+                .offset(op.offset)
+                .build(),
+            (OpKind::Fdatasync, _) => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
-            OpKind::Fallocate { mode, len } => opcode::Fallocate::new(fd, len)
+            (OpKind::Fallocate { mode, len }, _) => opcode::Fallocate::new(fd, len)
                 .offset(op.offset)
                 .mode(mode)
                 .build(),

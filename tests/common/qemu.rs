@@ -3,6 +3,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The `-o` argument of `qemu-img create` for comma-separated `opts` (nothing when empty).
+pub fn create_options(opts: &str) -> String {
+    if opts.is_empty() {
+        String::new()
+    } else {
+        format!("-o {opts}")
+    }
+}
+
 /// Runs a command line (split on whitespace) in `dir`; panics with its output on failure.
 pub fn sh(dir: &Path, cmdline: &str) {
     let mut parts = cmdline.split_whitespace();
