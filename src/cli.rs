@@ -54,6 +54,13 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = AioArg::Auto)]
     pub aio: AioArg,
 
+    /// With `--cache writeback`: copy cached image data into guest buffers from a read-only
+    /// mapping of the image instead of a system call per read (reads not in the page cache still
+    /// go to the I/O engine). About 1.5x the 4 KiB read rate of `off`; the mapped page cache
+    /// counts in the daemon's resident size (RssFile).
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub mapped_reads: OnOff,
+
     /// Serial number returned to the guest (GET_ID, /dev/disk/by-id/virtio-ID), up to 20
     /// printable ASCII characters. Default: derived from the image path.
     #[arg(long, value_name = "ID")]
@@ -210,6 +217,15 @@ pub enum AioArg {
     IoUring,
     /// Thread pool.
     Threads,
+}
+
+/// A switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
 }
 
 /// `--lazy-refcounts`.

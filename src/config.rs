@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::block::lock::Locking;
 use crate::block::{CacheMode, ImageFormat, LazyRefcounts, OpenOptions};
-use crate::cli::{AioArg, Args, CacheArg, DiscardArg, FormatArg, LazyArg, LockingArg};
+use crate::cli::{AioArg, Args, CacheArg, DiscardArg, FormatArg, LazyArg, LockingArg, OnOff};
 use crate::io::AioMode;
 use crate::virtio::{serial_bytes, DeviceSettings, DiscardMode};
 
@@ -122,6 +122,7 @@ impl TryFrom<Args> for Config {
                     DiscardArg::Ignore => DiscardMode::Ignore,
                 },
                 read_only: a.read_only,
+                mapped_reads: a.mapped_reads == OnOff::On,
             },
             aio: match a.aio {
                 AioArg::Auto => AioMode::Auto,

@@ -75,6 +75,7 @@ fn run(data: &[u8], wait: Option<Duration>) -> u16 {
         serial: serial_bytes("fuzz"),
         discard: DiscardMode::Unmap,
         read_only: false,
+        mapped_reads: true,
     });
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let blk =

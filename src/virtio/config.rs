@@ -110,6 +110,7 @@ mod tests {
             serial: serial_bytes("x"),
             discard: DiscardMode::Unmap,
             read_only: false,
+            mapped_reads: true,
         }
     }
 

@@ -49,6 +49,8 @@ pub struct DeviceSettings {
     pub discard: DiscardMode,
     /// Refuse every write (also when the driver ignores VIRTIO_BLK_F_RO).
     pub read_only: bool,
+    /// Copy page-cache reads from a mapping of the image (see [`crate::io::mapped`]).
+    pub mapped_reads: bool,
 }
 
 impl DeviceSettings {

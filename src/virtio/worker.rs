@@ -27,6 +27,7 @@ use crate::block::{
     Wake, Waker,
 };
 use crate::guest_warn;
+use crate::io::mapped::MappedFiles;
 use crate::io::{sys, Completion, Engine, IoOp, OpKind, Transfer, MAX_IOVECS};
 use crate::util::aligned::{zero_block, AlignedBuf, ZERO_BLOCK_LEN};
 
@@ -172,6 +173,8 @@ pub struct QueueWorker {
     broken: bool,
     /// Where the rings were found at the last look.
     rings: Option<RingPlace>,
+    /// Page-cache reads by memory copy (`--mapped-reads`, only with the page cache).
+    mapped: Option<MappedFiles>,
 }
 
 /// How many chains of a burst of `pending` to complete and publish before taking the rest.
@@ -281,6 +284,11 @@ impl QueueWorker {
         let waker: Waker = Arc::new(EventWaker(
             engine.notifier().expect("duplicating the engine's eventfd"),
         ));
+        let mapped = if settings.mapped_reads && backend.info().mem_align <= 1 {
+            MappedFiles::new()
+        } else {
+            None
+        };
         QueueWorker {
             index,
             settings,
@@ -305,6 +313,7 @@ impl QueueWorker {
             throttled: false,
             broken: false,
             rings: None,
+            mapped,
         }
     }
 
@@ -934,12 +943,24 @@ impl QueueWorker {
                             iov,
                             tag: 0,
                         };
-                        if done < half {
-                            plan.ops.push(op);
+                        let first_half = done < half;
+                        done += n;
+                        if first_half {
+                            // A read not split for io_uring's workers: copied from a mapping of the
+                            // file if it is cached.
+                            let copied = !write
+                                && half == ext.len
+                                && self.mapped.as_mut().is_some_and(|m| {
+                                    // SAFETY: IN buffers are writable guest memory, mapped while
+                                    // `mem` lives; no reference covers guest memory.
+                                    unsafe { m.read(fd, op.offset, &op.iov) }
+                                });
+                            if !copied {
+                                plan.ops.push(op);
+                            }
                         } else {
                             plan.offloaded.push(op);
                         }
-                        done += n;
                     }
                 }
                 Target::Zero => {
@@ -1168,6 +1189,13 @@ impl Drop for QueueWorker {
         // The kernel may still be transferring into guest memory that in-flight requests keep
         // mapped: wait for it before the requests (and their memory guards) go away.
         self.drain();
+        if let Some(m) = &self.mapped {
+            debug!(
+                "queue {}: {} reads copied from the page cache",
+                self.index,
+                m.copies()
+            );
+        }
     }
 }
 
