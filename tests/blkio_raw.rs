@@ -13,6 +13,7 @@ const EIO: i32 = -libc::EIO;
 const MODES: &[&[&str]] = &[
     &["--aio", "io-uring"],
     &["--aio", "threads"],
+    &["--aio", "io-uring", "--mapped-reads", "off"],
     &["--aio", "io-uring", "--cache", "none"],
     &["--aio", "threads", "--cache", "none"],
 ];
@@ -254,6 +255,29 @@ fn read_only_device() {
     drop(c);
     assert!(d.stop().success());
     assert!(read_file(&img) == data);
+}
+
+#[test]
+fn an_image_shrunk_under_the_daemon_reads_as_the_file_does() {
+    // Page-cache reads copy from a mapping of the image: bytes past a shrunk file's end fault
+    // (SIGBUS) where preadv returns 0. The daemon catches the fault and reads through its engine.
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.raw");
+    let data = pattern_image(&img, 4 * MIB, 10);
+    let d = Daemon::start(dir.path(), &img, &["--format", "raw"]);
+    let mut c = Client::connect(d.path(), 1, false).unwrap();
+    let at = 3 * MIB;
+    assert!(c.read(0, at as u64, 4096).unwrap() == data[at..at + 4096]);
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.set_len(MIB as u64).unwrap();
+    assert_eq!(c.read(0, at as u64, 4096).unwrap(), vec![0; 4096]);
+    assert!(c.read(0, 0, 4096).unwrap() == data[..4096]);
+    // Grown back with new bytes: the mapping shows them.
+    f.set_len(4 * MIB as u64).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x77; 4096], at as u64).unwrap();
+    assert_eq!(c.read(0, at as u64, 4096).unwrap(), vec![0x77; 4096]);
+    drop(c);
+    assert!(d.stop().success());
 }
 
 #[test]
