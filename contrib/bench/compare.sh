@@ -6,7 +6,8 @@
 # Prints a markdown table of medians and ratios; raw results go to $WORK/results.jsonl.
 #
 # Environment: RUNTIME (seconds per run, 5), ROUNDS (3), CACHES ("writeback none"),
-# WORK (/var/tmp/vub-bench), ONLY (a workload name to run alone).
+# WORK (/var/tmp/vub-bench), ONLY (a workload name to run alone), OURS_ARGS (more arguments for
+# vhost-device-blk, e.g. "--mapped-reads off").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RUNTIME=${RUNTIME:-5}
@@ -14,6 +15,7 @@ ROUNDS=${ROUNDS:-3}
 CACHES=${CACHES:-"writeback none"}
 WORK=${WORK:-/var/tmp/vub-bench}
 ONLY=${ONLY:-}
+OURS_ARGS=${OURS_ARGS:-}
 command -v fio >/dev/null || { echo "installing fio"; apt-get install -y -qq fio >/dev/null; }
 
 cargo build --release --quiet
@@ -57,7 +59,8 @@ start_backend() { # backend image cache queues
     local sock=$WORK/$1.sock
     rm -f "$sock"
     if [ "$1" = ours ]; then
-        "$DAEMON" --socket-path "$sock" --blk-file "$2" --format qcow2 --cache "$3" --num-queues "$4" 2>/dev/null &
+        # shellcheck disable=SC2086
+        "$DAEMON" --socket-path "$sock" --blk-file "$2" --format qcow2 --cache "$3" --num-queues "$4" $OURS_ARGS 2>/dev/null &
     elif [ "$1" = null-co ]; then
         # The transport ceiling: QSD's null driver completes every request at once.
         qemu-storage-daemon --blockdev driver=null-co,node-name=n,size=2147483648 \
@@ -80,8 +83,20 @@ stop_backend() { kill "$PID"; wait "$PID" 2>/dev/null || true; }
 # Peak resident set size of the backend so far, in KiB.
 peak_rss() { awk '/^VmHWM:/ {print $2}' "/proc/$PID/status"; }
 
-record() { # cache workload backend json [peak RSS KiB]
-    echo "{\"cache\": \"$1\", \"workload\": \"$2\", \"backend\": \"$3\", \"rss_kib\": ${5:-0}, \"result\": $4}" >> results.jsonl
+# Samples a process's private memory (RssAnon) every 0.2 s while it lives; writes the peak (KiB).
+# The total (VmHWM) also counts file pages the process maps: with mapped reads, the image's page
+# cache.
+anon_sampler() { # pid file
+    local peak=0 a
+    while kill -0 "$1" 2>/dev/null; do
+        a=$(awk '/^RssAnon:/ {print $2}' "/proc/$1/status" 2>/dev/null || true)
+        [ -n "$a" ] && [ "$a" -gt "$peak" ] && peak=$a && echo "$peak" > "$2"
+        sleep 0.2
+    done
+}
+
+record() { # cache workload backend json [peak RSS KiB] [peak RssAnon KiB]
+    echo "{\"cache\": \"$1\", \"workload\": \"$2\", \"backend\": \"$3\", \"rss_kib\": ${5:-0}, \"anon_kib\": ${6:-0}, \"result\": $4}" >> results.jsonl
 }
 
 for cache in $CACHES; do
@@ -95,11 +110,16 @@ for cache in $CACHES; do
             for backend in $backends; do
                 cp --sparse=always "$image.qcow2" run.qcow2
                 start_backend $backend "$WORK/run.qcow2" "$cache" "$queues"
+                echo 0 > anon.txt
+                anon_sampler "$PID" anon.txt &
+                sampler=$!
                 # shellcheck disable=SC2086
                 out=$("$BENCH" --socket "$SOCK" --runtime "$RUNTIME" $args)
                 rss=$(peak_rss)
+                kill "$sampler"
+                wait "$sampler" 2>/dev/null || true
                 stop_backend
-                record "$cache" "$name" $backend "$out" "$rss"
+                record "$cache" "$name" $backend "$out" "$rss" "$(cat anon.txt)"
                 echo "$cache $name round $round $backend: $out" >&2
             done
         done
@@ -124,20 +144,21 @@ def med(cache, wl, be, key="iops", sub=None):
     v = [r["result"][key] if sub is None else r["result"][key][sub] for r in rows
          if r["cache"] == cache and r["workload"] == wl and r["backend"] == be]
     return statistics.median(v) if v else None
-def peak(cache, wl, be):
-    return max(r["rss_kib"] for r in rows
+def peak(cache, wl, be, key="rss_kib"):
+    return max(r.get(key, 0) for r in rows
                if r["cache"] == cache and r["workload"] == wl and r["backend"] == be) / 1024
 for cache in sorted({r["cache"] for r in rows}):
     print(f"\n### cache={cache}\n")
     print("| workload | ours IOPS | QSD IOPS | ours/QSD | ours p50 µs | QSD p50 µs | ours p99 µs | QSD p99 µs "
-          "| ours peak RSS MiB | QSD peak RSS MiB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| ours peak RSS MiB | QSD peak RSS MiB | ours RssAnon MiB | QSD RssAnon MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for wl in dict.fromkeys(r["workload"] for r in rows if r["cache"] == cache and r["backend"] == "ours"):
         o, q = med(cache, wl, "ours"), med(cache, wl, "qsd")
         print(f"| {wl} | {o:.0f} | {q:.0f} | {o/q:.2f} | {med(cache, wl, 'ours', 'lat_us', 'p50'):.1f} | "
               f"{med(cache, wl, 'qsd', 'lat_us', 'p50'):.1f} | {med(cache, wl, 'ours', 'lat_us', 'p99'):.1f} | "
               f"{med(cache, wl, 'qsd', 'lat_us', 'p99'):.1f} | {peak(cache, wl, 'ours'):.1f} | "
-              f"{peak(cache, wl, 'qsd'):.1f} |")
+              f"{peak(cache, wl, 'qsd'):.1f} | {peak(cache, wl, 'ours', 'anon_kib'):.1f} | "
+              f"{peak(cache, wl, 'qsd', 'anon_kib'):.1f} |")
     for qd in (1, 32):
         n = med(cache, f"randread-4k-qd{qd}", "null-co")
         o = med(cache, f"randread-4k-qd{qd}", "ours")
