@@ -56,7 +56,7 @@ pub struct Args {
 
     /// With `--cache writeback`: copy cached image data into guest buffers from a read-only
     /// mapping of the image instead of a system call per read (reads not in the page cache still
-    /// go to the I/O engine). About 1.5x the 4 KiB read rate of `off`; the mapped page cache
+    /// go to the I/O engine). About 1.7x the 4 KiB read rate of `off`; the mapped page cache
     /// counts in the daemon's resident size (RssFile).
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     pub mapped_reads: OnOff,
