@@ -179,7 +179,7 @@ fn regular_file_size(fd: RawFd) -> Option<u64> {
         }
         st
     };
-    (st.st_mode & libc::S_IFMT == libc::S_IFREG).then(|| st.st_size as u64)
+    (st.st_mode & libc::S_IFMT == libc::S_IFREG).then_some(st.st_size as u64)
 }
 
 /// One file's mapping.
