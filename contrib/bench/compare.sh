@@ -39,7 +39,8 @@ fi
 [ -e over.qcow2 ] || qemu-img create -q -f qcow2 -b base.raw -F raw over.qcow2 32G
 [ -e over-ext.qcow2 ] || qemu-img create -q -f qcow2 -b base.raw -F raw -o extended_l2=on over-ext.qcow2 32G
 
-# name | image | queues | vub-bench arguments
+# name | image | queues | vub-bench arguments. A name ending in -cold runs with the image dropped
+# from the page cache (page-cache mode only: with O_DIRECT every run is cold).
 WORKLOADS="
 randread-4k-qd1|filled|1|--rw randread --bs 4k --iodepth 1
 randread-4k-qd32|filled|1|--rw randread --bs 4k --iodepth 32
@@ -51,6 +52,7 @@ alloc-4k-extl2|empty-ext|1|--rw randwrite --bs 4k --iodepth 32
 alloc-4k-backing|over|1|--rw randwrite --bs 4k --iodepth 32
 alloc-4k-extl2-backing|over-ext|1|--rw randwrite --bs 4k --iodepth 32
 randread-4k-2q|filled|2|--rw randread --bs 4k --iodepth 16 --queues 2
+randread-4k-qd32-cold|filled|1|--rw randread --bs 4k --iodepth 32
 "
 
 wait_socket() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; return 1; }
@@ -95,6 +97,14 @@ anon_sampler() { # pid file
     done
 }
 
+# Writes a file's dirty pages and drops it from the page cache.
+drop_cached() {
+    python3 -c 'import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+os.fsync(fd)
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)' "$1"
+}
+
 record() { # cache workload backend json [peak RSS KiB] [peak RssAnon KiB]
     echo "{\"cache\": \"$1\", \"workload\": \"$2\", \"backend\": \"$3\", \"rss_kib\": ${5:-0}, \"anon_kib\": ${6:-0}, \"result\": $4}" >> results.jsonl
 }
@@ -103,12 +113,16 @@ for cache in $CACHES; do
     echo "$WORKLOADS" | while IFS='|' read -r name image queues args; do
         [ -n "$name" ] || continue
         [ -z "$ONLY" ] || [ "$ONLY" = "$name" ] || continue
+        cold=
+        case $name in *-cold) cold=1 ;; esac
+        [ -z "$cold" ] || [ "$cache" != none ] || continue
         # The 4 KiB random read workloads also measure the transport ceiling, in the same rounds.
         backends="ours qsd"
         case $name in randread-4k-qd1 | randread-4k-qd32) backends="ours qsd null-co" ;; esac
         for round in $(seq "$ROUNDS"); do
             for backend in $backends; do
                 cp --sparse=always "$image.qcow2" run.qcow2
+                [ -z "$cold" ] || drop_cached run.qcow2
                 start_backend $backend "$WORK/run.qcow2" "$cache" "$queues"
                 echo 0 > anon.txt
                 anon_sampler "$PID" anon.txt &
