@@ -32,6 +32,55 @@ pub(super) struct Writable {
     lazy: bool,
     /// End of the file in bytes, as allocation has grown it.
     end: AtomicU64,
+    /// In-place writes in flight: clusters freed meanwhile wait for them before reuse.
+    in_place: InPlaceWrites,
+}
+
+/// Tickets of in-place writes carry this bit and the slot they were counted in.
+const IN_PLACE: u64 = 1 << 63;
+
+/// In-place writes in flight, counted by the parity of the generation they started in.
+///
+/// An in-place write is planned without the metadata lock and its data lands later: a discard
+/// or write-zeroes may free its cluster meanwhile. A freed cluster becomes allocatable at a
+/// metadata write-back; if it could be handed to a new allocation while such a write is still
+/// in flight, that write would land in another guest offset's data (or in a new table). So a
+/// write-back starts a new generation and releases the clusters freed before it only once every
+/// write counted in the ended generation is done. A generation ends only after the previous one
+/// drained, so every write that started before it is counted in one slot.
+#[derive(Default)]
+struct InPlaceWrites {
+    generation: AtomicU64,
+    active: [AtomicU64; 2],
+}
+
+impl InPlaceWrites {
+    /// Counts a write in (before it looks anything up); returns its slot.
+    fn enter(&self) -> usize {
+        loop {
+            let g = self.generation.load(Ordering::SeqCst);
+            let slot = (g & 1) as usize;
+            self.active[slot].fetch_add(1, Ordering::SeqCst);
+            if self.generation.load(Ordering::SeqCst) == g {
+                return slot;
+            }
+            // A generation ended meanwhile: count in the new one.
+            self.active[slot].fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn leave(&self, slot: usize) {
+        self.active[slot].fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Ends the current generation; returns its slot.
+    fn next_generation(&self) -> usize {
+        (self.generation.fetch_add(1, Ordering::SeqCst) & 1) as usize
+    }
+
+    fn drained(&self, slot: usize) -> bool {
+        self.active[slot].load(Ordering::SeqCst) == 0
+    }
 }
 
 struct Meta {
@@ -46,6 +95,9 @@ struct Meta {
     /// Where the file's size, grown ahead of allocation, ends (`None`: not grown ahead).
     grown_to: Option<u64>,
     grow: Grow,
+    /// Freed clusters, durable as free, waiting for the in-place writes of an ended generation
+    /// (its slot) before they are released.
+    draining: Option<(usize, Vec<u64>)>,
 }
 
 /// How the file grows ahead of allocation.
@@ -117,10 +169,12 @@ impl Writable {
                 marked_dirty: false,
                 grown_to: (grow != Grow::No).then_some(end),
                 grow,
+                draining: None,
             }),
             writeback: Mutex::new(()),
             lazy,
             end: AtomicU64::new(end),
+            in_place: InPlaceWrites::default(),
         }
     }
 
@@ -281,8 +335,18 @@ impl Qcow2Image {
         len: u64,
         waker: &Waker,
     ) -> Result<WritePlan, BlockError> {
-        if let Some(plan) = self.in_place(offset, len)? {
-            return Ok(plan);
+        let w = self.w()?;
+        let slot = w.in_place.enter();
+        match self.in_place(offset, len) {
+            Ok(Some(mut plan)) => {
+                plan.ticket = Some(IN_PLACE | slot as u64);
+                return Ok(plan);
+            }
+            Ok(None) => w.in_place.leave(slot),
+            Err(e) => {
+                w.in_place.leave(slot);
+                return Err(e);
+            }
         }
         self.mark_dirty()?;
         for _ in 0..8 {
@@ -633,6 +697,10 @@ impl Qcow2Image {
     /// Makes a write visible, or releases what it reserved.
     pub(super) fn commit_write(&self, ticket: u64, ok: bool) -> Result<(), BlockError> {
         let w = self.w()?;
+        if ticket & IN_PLACE != 0 {
+            w.in_place.leave((ticket & 1) as usize);
+            return Ok(());
+        }
         let mut meta = lock(&w.meta);
         let Some(p) = meta.pending.remove(&ticket) else {
             return Err(BlockError::Corrupt("unknown write ticket"));
@@ -728,7 +796,7 @@ impl Qcow2Image {
             self.write_refcount_table(w)?;
             self.file.file.sync_data().map_err(io)?;
         }
-        lock(&w.meta).refcounts.release(&freed);
+        self.release_freed(w, freed);
         if close {
             // Cut the file back to its last cluster (whatever the refcounts placed last stays).
             let end = (lock(&w.meta).refcounts.end << self.header.cluster_bits).max(w.end_bytes());
@@ -744,6 +812,29 @@ impl Qcow2Image {
             lock(&w.meta).marked_dirty = false;
         }
         Ok(())
+    }
+
+    /// Releases clusters whose frees a write-back made durable, once no in-place write that
+    /// started before the frees is in flight (see [`InPlaceWrites`]); the rest stay quarantined.
+    fn release_freed(&self, w: &Writable, freed: Vec<u64>) {
+        let mut meta = lock(&w.meta);
+        if let Some((slot, earlier)) = meta.draining.take() {
+            if w.in_place.drained(slot) {
+                meta.refcounts.release(&earlier);
+            } else {
+                meta.draining = Some((slot, earlier));
+                return;
+            }
+        }
+        if freed.is_empty() {
+            return;
+        }
+        let slot = w.in_place.next_generation();
+        if w.in_place.drained(slot) {
+            meta.refcounts.release(&freed);
+        } else {
+            meta.draining = Some((slot, freed));
+        }
     }
 
     fn write_refcount_table(&self, w: &Writable) -> Result<(), BlockError> {
@@ -995,3 +1086,6 @@ fn fill(
         crate::block::file::read_aligned(fd, offset, dst, a)
     }
 }
+
+#[cfg(test)]
+mod tests;
