@@ -180,7 +180,8 @@ for cache in sorted({r["cache"] for r in rows}):
             print(f"\nnull-co ceiling, 4k randread QD{qd}: {n:.0f} IOPS, p50 "
                   f"{med(cache, f'randread-4k-qd{qd}', 'null-co', 'lat_us', 'p50'):.1f} µs; ours = {o/n:.2f} of it")
     f = med(cache, "randread-4k-qd32", "fio")
-    if f:
+    o = med(cache, "randread-4k-qd32", "ours")
+    if f and o:
         print(f"\nfio on the host file (one thread, io_uring), 4k randread QD32: {f:.0f} IOPS; "
-              f"ours = {med(cache, 'randread-4k-qd32', 'ours') / f:.2f} of it")
+              f"ours = {o / f:.2f} of it")
 PY
