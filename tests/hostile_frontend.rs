@@ -101,6 +101,15 @@ fn hdr(kind: u32, sector: u64) -> [u8; 16] {
     header(kind, sector)
 }
 
+/// The data buffer of a request of `kind`: device-writable for a read, readable for a write.
+fn data_buf(kind: u32, at: u64, len: u32) -> Buf {
+    if kind == VIRTIO_BLK_T_IN {
+        Buf::W(at, len)
+    } else {
+        Buf::R(at, len)
+    }
+}
+
 #[test]
 fn header_shorter_than_16_bytes_is_ioerr() {
     let mut s = setup(&[]);
@@ -220,11 +229,7 @@ fn buffers_outside_guest_memory_are_ioerr() {
     let far = MEM_END + 0x1000;
     // Data outside memory, for a read and for a write.
     for kind in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
-        let data = if kind == VIRTIO_BLK_T_IN {
-            Buf::W(far, 512)
-        } else {
-            Buf::R(far, 512)
-        };
+        let data = data_buf(kind, far, 512);
         let st = s.case(
             &hdr(kind, 0),
             &[Buf::R(HDR, 16), data, Buf::W(STATUS, 1)],
@@ -303,11 +308,7 @@ fn buffer_spanning_two_regions_is_served() {
 fn lengths_near_4_gib_are_refused() {
     let mut s = setup(&[]);
     for kind in [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT] {
-        let data = if kind == VIRTIO_BLK_T_IN {
-            Buf::W(DATA, 0xffff_fe00)
-        } else {
-            Buf::R(DATA, 0xffff_fe00)
-        };
+        let data = data_buf(kind, DATA, 0xffff_fe00);
         let st = s.case(
             &hdr(kind, 0),
             &[Buf::R(HDR, 16), data, Buf::W(STATUS, 1)],
@@ -497,11 +498,7 @@ fn sectors_past_capacity_and_overflowing_arithmetic_are_ioerr() {
         (VIRTIO_BLK_T_OUT, u64::MAX / 512),
         (VIRTIO_BLK_T_IN, u64::MAX / 512 - 1),
     ] {
-        let data = if kind == VIRTIO_BLK_T_IN {
-            Buf::W(DATA, 1024)
-        } else {
-            Buf::R(DATA, 1024)
-        };
+        let data = data_buf(kind, DATA, 1024);
         let st = s.case(
             &hdr(kind, sector),
             &[Buf::R(HDR, 16), data, Buf::W(STATUS, 1)],

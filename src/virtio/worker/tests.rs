@@ -118,6 +118,20 @@ impl Harness {
         at
     }
 
+    /// Makes a write of `len` bytes of `fill` at `sector` available; returns its head and the
+    /// address of its status byte.
+    fn add_write(&mut self, sector: u64, fill: u8, len: u32) -> (u16, u64) {
+        let hdr = self.header(VIRTIO_BLK_T_OUT, sector);
+        let data = self.alloc(u64::from(len));
+        self.mem
+            .memory()
+            .write_slice(&vec![fill; len as usize], GuestAddress(data))
+            .unwrap();
+        let st = self.status_buf();
+        let head = self.add(&[Buf::R(hdr, 16), Buf::R(data, len), Buf::W(st, 1)]);
+        (head, st)
+    }
+
     /// Makes a chain available; returns its head index.
     fn add(&mut self, bufs: &[Buf]) -> u16 {
         let m = self.mem.memory();
@@ -216,14 +230,7 @@ fn cached_reads_are_copied_from_a_mapping_and_see_earlier_writes() {
     let pattern: Vec<u8> = (0..64 << 10).map(|i| (i % 253) as u8).collect();
     h.image.as_file().write_all_at(&pattern, 64 << 10).unwrap();
     // A write through the worker (io_uring), then reads through the mapping.
-    let hdr = h.header(VIRTIO_BLK_T_OUT, 128);
-    let data = h.alloc(4096);
-    h.mem
-        .memory()
-        .write_slice(&[0x5a; 4096], GuestAddress(data))
-        .unwrap();
-    let st = h.status_buf();
-    h.add(&[Buf::R(hdr, 16), Buf::R(data, 4096), Buf::W(st, 1)]);
+    let (_, st) = h.add_write(128, 0x5a, 4096);
     h.run();
     assert_eq!(h.byte(st), OK);
     let mut expect = pattern.clone();
@@ -399,14 +406,7 @@ fn get_id_returns_the_serial() {
 fn read_only_refuses_writes_even_when_the_driver_ignores_ro() {
     let mut h = Harness::new(true, AioMode::IoUring);
     let mut statuses = Vec::new();
-    let hdr = h.header(VIRTIO_BLK_T_OUT, 0);
-    let data = h.alloc(512);
-    h.mem
-        .memory()
-        .write_slice(&[0x22; 512], GuestAddress(data))
-        .unwrap();
-    let st = h.status_buf();
-    h.add(&[Buf::R(hdr, 16), Buf::R(data, 512), Buf::W(st, 1)]);
+    let (_, st) = h.add_write(0, 0x22, 512);
     statuses.push((st, IOERR));
     for t in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
         let hdr = h.header(t, 0);
@@ -600,14 +600,7 @@ fn copy_on_write_reads_complete_before_their_write_and_failures_fail_the_request
                 b.inner.set(raw).ok();
                 b
             });
-            let hdr = h.header(VIRTIO_BLK_T_OUT, 0);
-            let data = h.alloc(4096);
-            h.mem
-                .memory()
-                .write_slice(&[0x77; 4096], GuestAddress(data))
-                .unwrap();
-            let st = h.status_buf();
-            let head = h.add(&[Buf::R(hdr, 16), Buf::R(data, 4096), Buf::W(st, 1)]);
+            let (head, st) = h.add_write(0, 0x77, 4096);
             assert_eq!(h.run(), vec![(u32::from(head), 1)]);
             let mut copied = vec![0u8; COPY_LEN];
             h.image
