@@ -61,6 +61,13 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     pub mapped_reads: OnOff,
 
+    /// Track requests in flight in memory the front-end keeps (vhost-user INFLIGHT_SHMFD), so
+    /// that the daemon can be killed or restarted under a running guest: the next daemon
+    /// resubmits what was taken and not completed. `off` does not offer it (QEMU then restarts
+    /// the rings from the used index, which loses requests completed out of order).
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub inflight: OnOff,
+
     /// Serial number returned to the guest (GET_ID, /dev/disk/by-id/virtio-ID), up to 20
     /// printable ASCII characters. Default: derived from the image path.
     #[arg(long, value_name = "ID")]

@@ -29,6 +29,8 @@ pub struct Config {
     pub device: DeviceSettings,
     /// I/O engine choice.
     pub aio: AioMode,
+    /// vhost-user options.
+    pub vhost_user: crate::vhost_user::Options,
 }
 
 /// Invalid command lines.
@@ -128,6 +130,9 @@ impl TryFrom<Args> for Config {
                 AioArg::Auto => AioMode::Auto,
                 AioArg::IoUring => AioMode::IoUring,
                 AioArg::Threads => AioMode::Threads,
+            },
+            vhost_user: crate::vhost_user::Options {
+                inflight: a.inflight == OnOff::On,
             },
         })
     }

@@ -9,17 +9,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use log::{info, warn};
-use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
+use vhost::vhost_user::Listener;
 
 use crate::block::{self, BlockBackend, OpenError};
 use crate::config::{Config, Listen};
 use crate::error::Error;
 use crate::io::Engine;
-use crate::vhost_user::{io_event_token, VhostUserBlk};
+use crate::vhost_user::{Connection, Device, End};
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config: Config) -> Result<(), Error> {
@@ -87,62 +83,39 @@ fn serve_connection(
     listener: &mut Listener,
     signals: &Signals,
 ) -> Result<Outcome, Error> {
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let blk = Arc::new(VhostUserBlk::new(
-        Arc::new(config.device.clone()),
-        backend.clone(),
-        mem.clone(),
-        config.aio,
-    )?);
-    let vhost_err = |e: DaemonError| Error::VhostUser(e.to_string());
-    let mut daemon =
-        VhostUserDaemon::new("vhost-device-blk".into(), blk.clone(), mem).map_err(vhost_err)?;
-    let token = u64::from(io_event_token(config.device.num_queues));
-    for (queue, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-        if let Some(fd) = blk.io_event_fd(queue) {
-            handler
-                .register_listener(fd, EventSet::IN, token)
-                .map_err(|e| Error::VhostUser(format!("cannot watch I/O completions: {e}")))?;
-        }
-    }
-    daemon.start(listener).map_err(vhost_err)?;
+    let Some(stream) = listener
+        .accept()
+        .map_err(|e| Error::VhostUser(format!("accept: {e}")))?
+    else {
+        return Ok(Outcome::Disconnected);
+    };
+    let device = Arc::new(
+        Device::new(
+            Arc::new(config.device.clone()),
+            backend.clone(),
+            config.aio,
+            config.vhost_user,
+        )
+        .map_err(|e| Error::VhostUser(e.to_string()))?,
+    );
+    let conn = Connection::start(device, stream).map_err(Error::EventLoop)?;
     info!("front-end connected");
-
-    let done = EventFd::new(0).map_err(Error::EventLoop)?;
-    let done_tx = done.try_clone().map_err(Error::EventLoop)?;
-    let shutdown = daemon.shutdown_handle();
-    let session = std::thread::Builder::new()
-        .name("vhost-user".into())
-        .spawn(move || {
-            let result = daemon.wait();
-            let _ = done_tx.write(1);
-            (daemon, result)
-        })
-        .map_err(Error::EventLoop)?;
-
-    let waiter = Waiter::new(&[signals.fd(), done.as_raw_fd()]).map_err(Error::EventLoop)?;
-    let mut outcome = Outcome::Disconnected;
-    if waiter.wait().map_err(Error::EventLoop)? == signals.fd() {
-        info!("{}; disconnecting the front-end", signals.take());
-        outcome = Outcome::Stop;
-        if let Some(s) = shutdown {
-            s.shutdown();
-        }
+    let waiter = Waiter::new(&[signals.fd(), conn.done_fd()]).map_err(Error::EventLoop)?;
+    let (outcome, end) = if waiter.wait().map_err(Error::EventLoop)? == signals.fd() {
+        // Stop taking requests, complete and publish what was taken, then disconnect: the
+        // front-end resumes from a used ring that accounts for everything.
+        info!(
+            "{}; completing requests in flight, then disconnecting",
+            signals.take()
+        );
+        (Outcome::Stop, conn.stop())
+    } else {
+        (Outcome::Disconnected, conn.wait())
+    };
+    match end {
+        End::Disconnected => info!("front-end disconnected"),
+        End::Error(e) => warn!("front-end connection ended: {e}"),
     }
-    let (daemon, result) = session
-        .join()
-        .map_err(|_| Error::VhostUser("the connection thread panicked".into()))?;
-    match result {
-        Ok(())
-        | Err(DaemonError::HandleRequest(
-            VhostUserError::Disconnected | VhostUserError::PartialMessage,
-        )) => info!("front-end disconnected"),
-        Err(e) => warn!("front-end connection ended: {e}"),
-    }
-    // Finish what the front-end submitted before its memory goes away, then stop the queue
-    // threads.
-    blk.drain_all();
-    drop(daemon);
     Ok(outcome)
 }
 

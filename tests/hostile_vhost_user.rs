@@ -107,17 +107,24 @@ fn out_of_range_queue_indexes_are_refused() {
 }
 
 #[test]
-fn bad_queue_sizes_are_refused_or_ignored() {
+fn bad_queue_sizes_are_refused() {
     let mut s = setup();
     for size in [0u16, 32, 1024, u16::MAX] {
         let h = HostileFrontend::handshake(s.daemon.path(), F_INDIRECT);
         assert!(h.fe.set_vring_num(0, size).is_err(), "size {size} accepted");
     }
-    // Not a power of two: vhost-user-backend acks it and virtio-queue keeps the previous
-    // (maximum) size. The queue then keeps working as a queue of 16.
+    // Not a power of two: refused (virtio-queue would keep its previous size, larger than the
+    // rings the front-end laid out).
+    for size in [12u16, 3, 15] {
+        let h = HostileFrontend::handshake(s.daemon.path(), F_INDIRECT);
+        assert!(h.fe.set_vring_num(0, size).is_err(), "size {size} accepted");
+    }
+    // Nor while the ring runs.
     let mut h = HostileFrontend::handshake(s.daemon.path(), F_INDIRECT);
-    h.fe.set_vring_num(0, 12).unwrap();
     h.start_queue(0, QSIZE).unwrap();
+    assert!(h.fe.set_vring_num(0, 8).is_err());
+    let mut h = HostileFrontend::handshake(s.daemon.path(), F_INDIRECT);
+    h.start_queue(0, 8).unwrap();
     assert_eq!(h.read_ok(0, 0, 512), s.image[..512]);
     drop(h);
     s.healthy();
@@ -146,14 +153,25 @@ fn rings_running_off_the_end_of_memory_do_not_hurt() {
     // Queue 1 starts normally; queue 0's rings start inside memory and end outside it.
     h.start_queue(0, QSIZE).unwrap();
     h.start_queue(1, QSIZE).unwrap();
-    h.fe.set_vring_enable(0, false).unwrap();
     let mut cfg = h.vring_config(0, QSIZE);
     cfg.desc_table_addr = h.mem.uva(MEM_END - 64);
     cfg.avail_ring_addr = h.mem.uva(MEM_END - 4);
     cfg.used_ring_addr = h.mem.uva(MEM_END - 8);
-    // vhost-user-backend checks only where each ring starts.
+    // A running ring cannot move.
+    assert!(h.fe.set_vring_addr(0, &cfg).is_err());
+    drop(h);
+    let mut h = HostileFrontend::handshake(s.daemon.path(), F_INDIRECT);
+    h.start_queue(0, QSIZE).unwrap();
+    h.start_queue(1, QSIZE).unwrap();
+    let mut cfg = h.vring_config(0, QSIZE);
+    cfg.desc_table_addr = h.mem.uva(MEM_END - 64);
+    cfg.avail_ring_addr = h.mem.uva(MEM_END - 4);
+    cfg.used_ring_addr = h.mem.uva(MEM_END - 8);
+    // Stopped, it can; only where each ring starts is checked then (the size may come later).
+    h.fe.get_vring_base(0).unwrap();
     h.fe.set_vring_addr(0, &cfg).unwrap();
-    h.fe.set_vring_enable(0, true).unwrap();
+    h.fe.set_vring_call(0, &h.queues[0].call).unwrap();
+    h.fe.set_vring_kick(0, &h.queues[0].kick).unwrap();
     // One chain "available", its avail ring entry just past the end of memory.
     h.mem.write(MEM_END - 2, &1u16.to_le_bytes());
     for _ in 0..30 {

@@ -1,5 +1,5 @@
 //! The vhost-user message stream: a real device (two queues of 16 on a 1 MiB raw image) behind
-//! vhost-user-backend, fed arbitrary bytes and file descriptors over a Unix socket.
+//! our vhost-user handler, fed arbitrary bytes and file descriptors over a Unix socket.
 //!
 //! Input: chunks of `[len: u16 LE][flags: u8][len bytes]`. Flags bit 6: the bytes are the
 //! contents of guest memory for the memfds sent after it (rings, requests), not sent. Otherwise
@@ -18,17 +18,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::{le16, memfd};
 use crate::block::{self, CacheMode, ImageFormat, LazyRefcounts, OpenOptions};
 use crate::io::AioMode;
-use crate::vhost_user::{io_event_token, VhostUserBlk};
+use crate::vhost_user::{Connection, Device, Options};
 use crate::virtio::{serial_bytes, DeviceSettings, DiscardMode};
 
 const QUEUES: u16 = 2;
@@ -77,17 +73,9 @@ fn run(data: &[u8], wait: Option<Duration>) -> u16 {
         read_only: false,
         mapped_reads: true,
     });
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let blk =
-        Arc::new(VhostUserBlk::new(settings, backend, mem.clone(), AioMode::Auto).expect("device"));
-    let mut daemon = VhostUserDaemon::new("fuzz".into(), blk.clone(), mem).expect("daemon");
-    for (queue, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-        if let Some(fd) = blk.io_event_fd(queue) {
-            handler
-                .register_listener(fd, EventSet::IN, u64::from(io_event_token(QUEUES)))
-                .expect("watching completions");
-        }
-    }
+    let device = Arc::new(
+        Device::new(settings, backend, AioMode::Auto, Options::default()).expect("device"),
+    );
 
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let name = format!(
@@ -96,9 +84,10 @@ fn run(data: &[u8], wait: Option<Duration>) -> u16 {
         NEXT.fetch_add(1, Ordering::Relaxed)
     );
     let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("socket name");
-    let mut listener = Listener::from(UnixListener::bind_addr(&addr).expect("bind"));
+    let listener = UnixListener::bind_addr(&addr).expect("bind");
     let mut front = UnixStream::connect_addr(&addr).expect("connect");
-    daemon.start(&mut listener).expect("accept");
+    let (stream, _) = listener.accept().expect("accept");
+    let conn = Connection::start(device, stream).expect("connection");
     front
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
@@ -153,10 +142,6 @@ fn run(data: &[u8], wait: Option<Duration>) -> u16 {
     // Read the replies so the back-end never blocks on a full socket, until it hangs up.
     let mut sink = [0u8; 4096];
     while matches!(front.read(&mut sink), Ok(n) if n > 0) {}
-    if let Err(vhost_user_backend::Error::WaitDaemon(_)) = daemon.wait() {
-        panic!("the vhost-user connection thread panicked");
-    }
-    blk.drain_all();
-    drop(daemon);
+    conn.wait();
     used_idx(keep.first())
 }

@@ -2,6 +2,7 @@
 //! Knows nothing about vhost-user sockets or image formats (it talks to [`crate::block`] and
 //! [`crate::io`] through their traits).
 
+pub mod chain;
 pub mod config;
 pub mod guest;
 pub mod request;

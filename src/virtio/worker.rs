@@ -83,6 +83,17 @@ fn untag(tag: u64) -> (usize, usize, u64) {
     )
 }
 
+/// Where a queue records the chains it takes and publishes (vhost-user's in-flight region), so
+/// that a restarted device can resubmit the requests it had not completed.
+pub trait InflightLog: Send {
+    /// `head` was taken from the avail ring; called before its request runs.
+    fn taken(&mut self, head: u16);
+    /// `head`'s used element is about to be written.
+    fn publishing(&mut self, head: u16);
+    /// `head`'s used element is written; the ring's used index is now `used_idx`.
+    fn published(&mut self, head: u16, used_idx: u16);
+}
+
 /// Wakes a worker by writing its engine's eventfd.
 struct EventWaker(vmm_sys_util::eventfd::EventFd);
 
@@ -175,6 +186,10 @@ pub struct QueueWorker {
     rings: Option<RingPlace>,
     /// Page-cache reads by memory copy (`--mapped-reads`, only with the page cache).
     mapped: Option<MappedFiles>,
+    /// The in-flight log of the running ring, if the front-end keeps one.
+    inflight: Option<Box<dyn InflightLog>>,
+    /// Heads taken before a restart, to run again before any new chain, in order.
+    resubmit: std::collections::VecDeque<u16>,
 }
 
 /// How many chains of a burst of `pending` to complete and publish before taking the rest.
@@ -314,7 +329,31 @@ impl QueueWorker {
             broken: false,
             rings: None,
             mapped,
+            inflight: None,
+            resubmit: Default::default(),
         }
+    }
+
+    /// The ring starts (or restarts): `log` records what it takes, and `resubmit` are the heads
+    /// a previous incarnation took and did not complete, in the order it took them.
+    pub fn start_ring(
+        &mut self,
+        vring: &Vring,
+        log: Option<Box<dyn InflightLog>>,
+        resubmit: Vec<u16>,
+    ) {
+        self.vring = Some(vring.clone());
+        self.rings = None;
+        self.broken = false;
+        self.inflight = log;
+        self.resubmit = resubmit.into();
+    }
+
+    /// The ring stops (GET_VRING_BASE): everything taken is completed and published first.
+    pub fn stop_ring(&mut self) {
+        self.drain();
+        self.resubmit.clear();
+        self.inflight = None;
     }
 
     /// The engine's completion eventfd, to register in the queue thread's epoll.
@@ -342,6 +381,10 @@ impl QueueWorker {
         self.event_idx = event_idx;
         self.throttled = false;
         self.queue_size = vring.get_ref().get_queue().size();
+        if !vring.get_ref().is_enabled() {
+            return;
+        }
+        self.resubmit_taken(vring);
         let mut deadline = None;
         // Whether the last batch was the first part of a burst (see `first_part`).
         let mut cut = false;
@@ -383,6 +426,9 @@ impl QueueWorker {
                         problem = Some("avail ring unusable");
                         break;
                     };
+                    if let Some(log) = self.inflight.as_mut() {
+                        log.taken(chain.head_index());
+                    }
                     self.start(chain, &mem);
                 }
                 match problem {
@@ -487,6 +533,30 @@ impl QueueWorker {
         }
     }
 
+    /// Runs the requests a previous incarnation took and did not complete, oldest first, before
+    /// anything new is taken (bounded by the queue size like any request).
+    fn resubmit_taken(&mut self, vring: &Vring) {
+        if self.resubmit.is_empty() {
+            return;
+        }
+        let mem = self.mem.memory().into_inner();
+        let (table, size) = {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            (GuestAddress(q.desc_table()), q.size())
+        };
+        while !self.at_capacity() {
+            let Some(head) = self.resubmit.pop_front() else {
+                break;
+            };
+            let max = self.settings.max_descriptors();
+            let descs = super::chain::read_chain(&*mem, table, size, head, max);
+            self.start_parsed(head, descs, &mem);
+        }
+        self.engine.submit();
+        self.publish(vring);
+    }
+
     fn retry_parked(&mut self) {
         for p in std::mem::take(&mut self.parked) {
             self.execute(p.head, p.req, &p.mem);
@@ -495,6 +565,13 @@ impl QueueWorker {
 
     fn start(&mut self, chain: DescriptorChain<Arc<GuestMem>>, popped_with: &Arc<GuestMem>) {
         let head = chain.head_index();
+        self.start_parsed(head, chain, popped_with);
+    }
+
+    fn start_parsed<I>(&mut self, head: u16, chain: I, popped_with: &Arc<GuestMem>)
+    where
+        I: IntoIterator<Item = virtio_queue::desc::split::Descriptor>,
+    {
         if head >= self.queue_size {
             // Not a descriptor at all: nothing to parse and nothing the used ring can name.
             guest_warn!(
@@ -782,8 +859,16 @@ impl QueueWorker {
         {
             let mut state = vring.get_mut();
             for (head, len) in self.used.drain(..) {
-                if let Err(e) = state.add_used(head, len) {
-                    guest_warn!("queue {}: cannot return chain {head}: {e}", self.index);
+                if let Some(log) = self.inflight.as_mut() {
+                    log.publishing(head);
+                }
+                match state.add_used(head, len) {
+                    Ok(()) => {
+                        if let Some(log) = self.inflight.as_mut() {
+                            log.published(head, state.get_queue().next_used());
+                        }
+                    }
+                    Err(e) => guest_warn!("queue {}: cannot return chain {head}: {e}", self.index),
                 }
             }
         }

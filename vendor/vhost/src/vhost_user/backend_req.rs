@@ -145,7 +145,26 @@ impl Backend {
     }
 }
 
+impl AsRawFd for Backend {
+    /// The channel's socket, e.g. to set a timeout on it before requests are sent: a frontend
+    /// that never acknowledges must not block the sending thread forever.
+    fn as_raw_fd(&self) -> RawFd {
+        self.inner.lock().unwrap().sock.as_raw_fd()
+    }
+}
+
 impl VhostUserFrontendReqHandler for Backend {
+    /// Forward a configuration-space change notification to the frontend
+    /// (`VHOST_USER_BACKEND_CONFIG_CHANGE_MSG`, no payload). With REPLY_ACK negotiated, waits for
+    /// the frontend's acknowledgement.
+    fn handle_config_change(&self) -> HandlerResult<u64> {
+        Ok(self.inner.lock().unwrap().send_message(
+            BackendReq::CONFIG_CHANGE_MSG,
+            &VhostUserEmpty,
+            None,
+        )?)
+    }
+
     /// Forward vhost-user shared-object add request to the frontend.
     fn shared_object_add(&self, uuid: &VhostUserSharedMsg) -> HandlerResult<u64> {
         let mut guard = self.inner.lock().unwrap();
