@@ -408,7 +408,15 @@ impl VhostUserBackendReqHandlerMut for Handler {
     }
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> Result<()> {
-        self.queue(u32::from(index))?.vring.set_call(fd);
+        let q = self.queue(u32::from(index))?;
+        q.vring.set_call(fd);
+        if q.vring.get_ref().get_queue().ready() {
+            // QEMU sends the call descriptor after the kick: used elements published before a
+            // restart (or while the interrupt was masked) get their notification now. A
+            // spurious one costs the driver a look at the used ring.
+            let _ = q.vring.signal_used_queue();
+            return Ok(());
+        }
         self.start_ring(u32::from(index))
     }
 

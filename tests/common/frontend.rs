@@ -302,6 +302,27 @@ impl Default for Options {
 impl HostileFrontend {
     /// Connects, negotiates and sets up the memory table, without any queue.
     pub fn handshake(socket: &str, features: u64) -> HostileFrontend {
+        Self::handshake_with(socket, features, VhostUserProtocolFeatures::empty())
+    }
+
+    /// [`Self::handshake`], also acknowledging the `protocol` features the daemon offers of
+    /// these (INFLIGHT_SHMFD, BACKEND_REQ...).
+    pub fn handshake_with(
+        socket: &str,
+        features: u64,
+        protocol: VhostUserProtocolFeatures,
+    ) -> HostileFrontend {
+        Self::handshake_mem(socket, features, protocol, GuestMemory::new())
+    }
+
+    /// [`Self::handshake_with`] on existing guest memory (a front-end reconnecting to a
+    /// restarted daemon).
+    pub fn handshake_mem(
+        socket: &str,
+        features: u64,
+        protocol: VhostUserProtocolFeatures,
+        mem: GuestMemory,
+    ) -> HostileFrontend {
         let mut fe = Frontend::connect(socket, 64).expect("connect");
         fe.set_owner().unwrap();
         let offered = fe.get_features().unwrap();
@@ -312,12 +333,12 @@ impl HostileFrontend {
             pf & (VhostUserProtocolFeatures::REPLY_ACK
                 | VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS),
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+                | protocol),
         )
         .unwrap();
         // Every message asks for an answer, so a refusal shows up as an error at once.
         fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        let mem = GuestMemory::new();
         fe.set_mem_table(&mem.regions(&[0, 1])).unwrap();
         HostileFrontend {
             fe,
