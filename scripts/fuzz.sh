@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 seconds=${FUZZ_SECONDS:-20}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(request_parse qcow2_ops vhost_user_stream)
+[ ${#targets[@]} -gt 0 ] || targets=(request_parse qcow2_ops vhost_user_stream inflight_region)
 
 if ! command -v c++ >/dev/null; then
     if [ "$(id -u)" -eq 0 ]; then as_root=(); else as_root=(sudo); fi

@@ -77,3 +77,16 @@ fn vhost_user_stream_seeds() {
         }
     }
 }
+
+#[test]
+fn inflight_region_seeds() {
+    for (name, data) in corpus("inflight_region") {
+        let resubmitted = fuzzing::inflight_region(&data);
+        assert_eq!(resubmitted, if name == "fresh" { 0 } else { 3 }, "{name}");
+        for i in (0..data.len()).step_by(5) {
+            let mut d = data.clone();
+            d[i] ^= 0xa5;
+            fuzzing::inflight_region(&d);
+        }
+    }
+}

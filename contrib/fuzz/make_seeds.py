@@ -189,7 +189,22 @@ def vhost_user_seeds():
     )
 
 
+def inflight_seeds():
+    """In-flight regions (src/fuzzing/inflight.rs): fresh, and as a killed daemon leaves one."""
+    stride = (16 * 32 + 2 + 63) // 64 * 64
+    put("inflight_region", "fresh", bytes([4]) + struct.pack("<H", 7))
+    region = bytearray(stride)
+    struct.pack_into("<HHHH", region, 8, 1, 16, 3, 5)
+    for head, counter, marked in [(2, 9, 1), (3, 10, 0), (7, 11, 1), (11, 12, 1)]:
+        struct.pack_into("<B5xHQ", region, 16 + 16 * head, marked, 0, counter)
+    # used_idx 5, ring used 6: head 3 (last_batch_head) published, not cleared.
+    put("inflight_region", "killed", bytes([4]) + struct.pack("<H", 6) + bytes(region))
+    struct.pack_into("<H", region, 14, 0xFFF0)
+    put("inflight_region", "far_off", bytes([4]) + struct.pack("<H", 6) + bytes(region))
+
+
 if __name__ == "__main__":
+    inflight_seeds()
     request_seeds()
     vhost_user_seeds()
     if len(sys.argv) < 2 or sys.argv[1] != "--no-qcow2":

@@ -3,10 +3,12 @@
 //! layer the way a hostile guest, VMM or image would, and panics only when an invariant
 //! breaks. See docs/security.md for how to run them.
 
+mod inflight;
 mod qcow2;
 mod request;
 mod vhost_user;
 
+pub use inflight::inflight_region;
 pub use qcow2::qcow2_ops;
 pub use request::request_parse;
 pub use vhost_user::{vhost_user_stream, vhost_user_stream_until_used};

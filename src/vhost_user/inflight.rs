@@ -351,7 +351,12 @@ impl QueueLog {
             .map(|h| (self.counter(h).load(Ordering::Acquire), h))
             .collect();
         marked.sort_unstable();
-        self.counter = marked.last().map_or(1, |&(c, _)| c.saturating_add(1));
+        // Renumbered from 1 in that order, so that chains taken from now on come after them
+        // whatever counters the region held.
+        for (i, &(_, h)) in marked.iter().enumerate() {
+            self.counter(h).store(i as u64 + 1, Ordering::Release);
+        }
+        self.counter = marked.len() as u64 + 1;
         Recovery {
             resubmit: marked.into_iter().map(|(_, h)| h).collect(),
             fresh: false,
