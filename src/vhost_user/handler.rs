@@ -436,6 +436,12 @@ impl VhostUserBackendReqHandlerMut for Handler {
                 "protocol features {extra:#x} were not offered"
             )));
         }
+        if self.acked_protocol != features {
+            info!(
+                "front-end protocol features {features:#x}: {:?}",
+                VhostUserProtocolFeatures::from_bits_truncate(features)
+            );
+        }
         self.acked_protocol = features;
         Ok(())
     }
