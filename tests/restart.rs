@@ -106,184 +106,285 @@ fn requests_are_marked_and_cleared_in_the_region() {
     assert_eq!(region_u64(&region, desc_at(0, 0) + 8), 0);
 }
 
-/// Chains a "previous daemon" was serving on queue 0 when it died, laid out by hand:
-/// heads 6, 0, 9 and 3 are available in that order; 6, 0 and 9 were taken; 0 completed and
-/// its used element is published; then the daemon was killed.
-struct Crash {
-    /// head → (request type, sector, fill byte of its data buffer).
-    chains: [(u16, u32, u64, u8); 4],
+/// Chains a "previous daemon" was serving on a queue when it died, laid out by hand: heads 6,
+/// 0, 9 and 3 are available in that order; 6, 0 and 9 were taken; 0 completed and its used
+/// element is published; then the daemon was killed. head → (type, sector, fill byte); queue q
+/// uses sectors 64 * q further.
+const CRASH: [(u16, u32, u64, u8); 4] = [
+    (6, VIRTIO_BLK_T_OUT, 8, 0xa1),
+    (0, VIRTIO_BLK_T_OUT, 16, 0xb2),
+    (9, VIRTIO_BLK_T_OUT, 24, 0xc3),
+    (3, VIRTIO_BLK_T_IN, 40, 0x00),
+];
+
+/// Where head `head` of queue `q` has its header (status +0x800, data +0x1000).
+fn buffers(q: u64, head: u16) -> u64 {
+    BUF + q * 0x10_0000 + 0x1_0000 * u64::from(head)
 }
 
-const CRASH: Crash = Crash {
-    chains: [
-        (6, VIRTIO_BLK_T_OUT, 8, 0xa1),
-        (0, VIRTIO_BLK_T_OUT, 16, 0xb2),
-        (9, VIRTIO_BLK_T_OUT, 24, 0xc3),
-        (3, VIRTIO_BLK_T_IN, 40, 0x00),
-    ],
-};
-
-fn buffers(head: u16) -> u64 {
-    BUF + 0x1_0000 * u64::from(head)
+/// How the daemon serves the image in a run of the restart test.
+struct Variant {
+    qcow2: bool,
+    args: &'static [&'static str],
+    features: u64,
 }
 
-impl Crash {
-    /// Writes the chains and the avail ring, the used element of head 0, and (if `region` is
-    /// given) the marks the previous daemon would have left.
-    fn lay_out(&self, mem: &GuestMemory, image: &std::path::Path, region: Option<&File>) {
-        let (table, avail, used) = rings(0);
-        for (i, &(head, kind, sector, fill)) in self.chains.iter().enumerate() {
-            let b = buffers(head);
-            mem.write(b, &header(kind, sector));
-            let data = if kind == VIRTIO_BLK_T_IN {
-                mem.fill(b + 0x1000, 4096, 0xee);
-                Buf::W(b + 0x1000, 4096)
-            } else {
-                mem.fill(b + 0x1000, 4096, fill);
-                Buf::R(b + 0x1000, 4096)
-            };
-            mem.write(b + 0x800, &[0xff]);
-            for (j, d) in linked(&[Buf::R(b, 16), data, Buf::W(b + 0x800, 1)], head)
-                .iter()
-                .enumerate()
-            {
-                mem.write(table + 16 * (u64::from(head) + j as u64), &d.to_bytes());
-            }
-            mem.write(avail + 4 + 2 * i as u64, &head.to_le_bytes());
-        }
-        mem.write(avail + 2, &4u16.to_le_bytes());
-        // Head 0 was executed and published by the previous daemon.
-        let f = std::fs::OpenOptions::new().write(true).open(image).unwrap();
-        f.write_all_at(&[0xb2; 4096], 16 * 512).unwrap();
-        mem.write(buffers(0) + 0x800, &[0]);
-        mem.write(used + 4, &0u32.to_le_bytes());
-        mem.write(used + 8, &17u32.to_le_bytes());
-        mem.write(used + 2, &1u16.to_le_bytes());
-        if let Some(r) = region {
-            let set = |at: u64, b: &[u8]| r.write_all_at(b, at).unwrap();
-            for (head, counter, marked) in [(6u16, 100u64, 1u8), (0, 101, 0), (9, 102, 1)] {
-                set(desc_at(0, head), &[marked]);
-                set(desc_at(0, head) + 8, &counter.to_le_bytes());
-            }
-            set(desc_at(0, 0) + 6, &0u16.to_le_bytes());
-            set(12, &0u16.to_le_bytes()); // last_batch_head: head 0
-            set(14, &1u16.to_le_bytes()); // used_idx: head 0 recorded
+impl Setup {
+    /// Writes what the previous daemon did to the image: head 0's data.
+    fn executed(&self, q: u64, v: &Variant) {
+        let at = (16 + 64 * q) * 512;
+        if v.qcow2 {
+            let cmd = format!("write -P 0xb2 {at} 4096");
+            common::qemu::qemu_io(self.dir.path(), self.image_path.to_str().unwrap(), &[cmd]);
+        } else {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&self.image_path)
+                .unwrap();
+            f.write_all_at(&[0xb2; 4096], at).unwrap();
         }
     }
 }
 
-/// Starts queue 0 as QEMU does after a reconnect: base = the used index.
-fn restart_queue(h: &mut HostileFrontend) {
-    let cfg = h.vring_config(0, QSIZE);
+/// Writes queue `q`'s chains and avail ring, the used element of head 0, and (if `region` is
+/// given) the marks the previous daemon would have left.
+fn lay_out(q: u64, mem: &GuestMemory, region: Option<&File>) {
+    let (table, avail, used) = rings(q as usize);
+    for (i, &(head, kind, sector, fill)) in CRASH.iter().enumerate() {
+        let b = buffers(q, head);
+        mem.write(b, &header(kind, sector + 64 * q));
+        let data = if kind == VIRTIO_BLK_T_IN {
+            mem.fill(b + 0x1000, 4096, 0xee);
+            Buf::W(b + 0x1000, 4096)
+        } else {
+            mem.fill(b + 0x1000, 4096, fill);
+            Buf::R(b + 0x1000, 4096)
+        };
+        mem.write(b + 0x800, &[0xff]);
+        for (j, d) in linked(&[Buf::R(b, 16), data, Buf::W(b + 0x800, 1)], head)
+            .iter()
+            .enumerate()
+        {
+            mem.write(table + 16 * (u64::from(head) + j as u64), &d.to_bytes());
+        }
+        mem.write(avail + 4 + 2 * i as u64, &head.to_le_bytes());
+    }
+    // used_event (EVENT_IDX): notify from the next used element on.
+    mem.write(avail + 4 + 2 * u64::from(QSIZE), &1u16.to_le_bytes());
+    mem.write(avail + 2, &4u16.to_le_bytes());
+    mem.write(buffers(q, 0) + 0x800, &[0]);
+    mem.write(used + 4, &0u32.to_le_bytes());
+    mem.write(used + 8, &17u32.to_le_bytes());
+    mem.write(used + 2, &1u16.to_le_bytes());
+    if let Some(r) = region {
+        let set = |at: u64, b: &[u8]| r.write_all_at(b, at).unwrap();
+        for (head, counter, marked) in [(6u16, 100u64, 1u8), (0, 101, 0), (9, 102, 1)] {
+            set(desc_at(q, head), &[marked]);
+            set(desc_at(q, head) + 8, &counter.to_le_bytes());
+        }
+        set(desc_at(q, 0) + 6, &0u16.to_le_bytes());
+        set(q * STRIDE + 12, &0u16.to_le_bytes()); // last_batch_head: head 0
+        set(q * STRIDE + 14, &1u16.to_le_bytes()); // used_idx: head 0 recorded
+    }
+}
+
+/// Starts queue `q` as QEMU does after a reconnect: base = the used index.
+fn restart_queue(h: &mut HostileFrontend, q: usize) {
+    let cfg = h.vring_config(q, QSIZE);
     let kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    h.fe.set_vring_num(0, QSIZE).unwrap();
-    h.fe.set_vring_base(0, 1).unwrap();
-    h.fe.set_vring_addr(0, &cfg).unwrap();
-    h.fe.set_vring_kick(0, &kick).unwrap();
-    h.fe.set_vring_call(0, &call).unwrap();
-    h.fe.set_vring_enable(0, true).unwrap();
-    h.queues = vec![Queue {
+    h.fe.set_vring_num(q, QSIZE).unwrap();
+    h.fe.set_vring_base(q, 1).unwrap();
+    h.fe.set_vring_addr(q, &cfg).unwrap();
+    h.fe.set_vring_kick(q, &kick).unwrap();
+    h.fe.set_vring_call(q, &call).unwrap();
+    h.fe.set_vring_enable(q, true).unwrap();
+    let queue = Queue {
         kick,
         call,
         avail_idx: 4,
         used_seen: 1,
         size: QSIZE,
-    }];
+    };
+    if h.queues.len() == q {
+        h.queues.push(queue);
+    } else {
+        h.queues[q] = queue;
+    }
 }
 
-/// Collects used elements until `n` arrived and nothing more comes for 300 ms.
-fn used_heads(h: &mut HostileFrontend, n: usize) -> Vec<u32> {
+/// Collects queue `q`'s used elements until `n` arrived and nothing more comes for 300 ms.
+fn used_heads(h: &mut HostileFrontend, q: usize, n: usize) -> Vec<u32> {
     let mut heads = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while heads.len() < n && Instant::now() < deadline {
-        if let Some((id, _)) = h.wait_used_for(0, Duration::from_millis(100)) {
+        if let Some((id, _)) = h.wait_used_for(q, Duration::from_millis(100)) {
             heads.push(id);
         }
     }
-    while let Some((id, _)) = h.wait_used_for(0, Duration::from_millis(300)) {
+    while let Some((id, _)) = h.wait_used_for(q, Duration::from_millis(300)) {
         heads.push(id);
     }
+    heads.sort_unstable();
     heads
 }
 
-/// Kills the daemon after its first connection set up queue 0, and returns the guest memory
-/// and in-flight region the front-end keeps.
-fn first_life(s: &mut Setup, with_inflight: bool) -> (GuestMemory, Option<File>) {
+/// Kills the daemon after its first connection set up both queues, and returns the guest
+/// memory and in-flight region the front-end keeps.
+fn first_life(s: &mut Setup, features: u64, with_inflight: bool) -> (GuestMemory, Option<File>) {
     let proto = if with_inflight {
         INFLIGHT
     } else {
         VhostUserProtocolFeatures::empty()
     };
-    let mut h = HostileFrontend::handshake_with(s.daemon.path(), F_INDIRECT, proto);
+    let mut h = HostileFrontend::handshake_with(s.daemon.path(), features, proto);
     let region = with_inflight.then(|| inflight_region(&mut h).1);
     h.start_queue(0, QSIZE).unwrap();
+    h.start_queue(1, QSIZE).unwrap();
     signal(&s.daemon.child, libc::SIGKILL);
     s.daemon.child.wait().unwrap();
     (h.mem, region)
 }
 
-#[test]
-fn a_restarted_daemon_resubmits_what_its_predecessor_took() {
-    let mut s = setup(&[]);
-    let (mem, region) = first_life(&mut s, true);
+fn restart_case(v: &Variant) {
+    let mut s = setup(v.args);
+    if v.qcow2 {
+        s.daemon.stop();
+        let img = s.dir.path().join("disk.qcow2");
+        common::qemu::sh(
+            s.dir.path(),
+            &format!(
+                "qemu-img convert -O qcow2 -o extended_l2=on,cluster_size=64k {} {}",
+                s.image_path.display(),
+                img.display()
+            ),
+        );
+        s.image_path = img;
+        s.daemon = start(&s.dir, &s.image_path, v.args);
+    }
+    let (mem, region) = first_life(&mut s, v.features, true);
     let region = region.unwrap();
-    CRASH.lay_out(&mem, &s.image_path, Some(&region));
-    s.daemon = start(&s.dir, &s.image_path, &[]);
-    let mut h = HostileFrontend::handshake_mem(s.daemon.path(), F_INDIRECT, INFLIGHT, mem);
+    for q in 0..2 {
+        lay_out(q, &mem, Some(&region));
+        s.executed(q, v);
+    }
+    s.daemon = start(&s.dir, &s.image_path, v.args);
+    let mut h = HostileFrontend::handshake_mem(s.daemon.path(), v.features, INFLIGHT, mem);
     // QEMU keeps its region across the reconnect and sends only SET_INFLIGHT_FD.
     let info = VhostUserInflight::new(2 * STRIDE, 0, 2, QSIZE);
     h.fe.set_inflight_fd(&info, region.as_raw_fd()).unwrap();
-    restart_queue(&mut h);
-    let mut heads = used_heads(&mut h, 3);
-    // 6 and 9 were taken and not completed: run again; 3 was never taken; 0 was completed and
-    // must not be repeated.
-    heads.sort_unstable();
-    assert_eq!(heads, [3, 6, 9], "{}", s.daemon.log_text());
-    for (head, kind, sector, fill) in CRASH.chains {
-        let b = buffers(head);
-        assert_eq!(h.mem.read(b + 0x800, 1)[0], 0, "status of head {head}");
-        let at = sector as usize * 512;
-        if kind == VIRTIO_BLK_T_IN {
-            assert_eq!(h.mem.read(b + 0x1000, 4096), s.image[at..at + 4096]);
-        } else {
-            assert_eq!(
-                common::read_file(&s.image_path)[at..at + 4096],
-                [fill; 4096],
-                "head {head}"
-            );
-        }
+    for q in 0..2 {
+        restart_queue(&mut h, q);
+    }
+    for q in 0..2 {
+        // 6 and 9 were taken and not completed: run again; 3 was never taken; 0 was completed
+        // and must not be repeated.
+        assert_eq!(
+            used_heads(&mut h, q, 3),
+            [3, 6, 9],
+            "{}",
+            s.daemon.log_text()
+        );
     }
     s.daemon
-        .wait_for_log("queue 0: resubmitting 2 requests taken before the restart");
+        .wait_for_log("queue 1: resubmitting 2 requests taken before the restart");
     // Everything is accounted for: nothing marked, the region's used index is the ring's.
-    for head in 0..QSIZE {
-        assert_eq!(region_u8(&region, desc_at(0, head)), 0, "head {head}");
+    for q in 0..2 {
+        for head in 0..QSIZE {
+            assert_eq!(region_u8(&region, desc_at(q, head)), 0, "head {head}");
+        }
+        assert_eq!(region_u16(&region, q * STRIDE + 14), 4);
     }
-    assert_eq!(region_u16(&region, 14), 4);
+    // Every status is OK and the read got the image's data.
+    for q in 0..2u64 {
+        for (head, kind, sector, _) in CRASH {
+            let b = buffers(q, head);
+            assert_eq!(h.mem.read(b + 0x800, 1)[0], 0, "queue {q} head {head}");
+            if kind == VIRTIO_BLK_T_IN {
+                let at = (sector + 64 * q) as usize * 512;
+                assert_eq!(h.mem.read(b + 0x1000, 4096), s.image[at..at + 4096]);
+            }
+        }
+    }
     // The queue goes on serving new requests after the resubmitted ones.
     assert_eq!(h.read_ok_at(0, 2, 512, HEALTH), s.image[1024..1536]);
+    drop(h);
+    assert!(s.daemon.stop().success());
+    let image = if v.qcow2 {
+        assert_eq!(common::qemu::qemu_check(&s.image_path), 0);
+        common::qemu::qemu_raw(&s.image_path)
+    } else {
+        common::read_file(&s.image_path)
+    };
+    for q in 0..2u64 {
+        for (head, kind, sector, fill) in CRASH {
+            if kind == VIRTIO_BLK_T_OUT {
+                let at = (sector + 64 * q) as usize * 512;
+                assert_eq!(image[at..at + 4096], [fill; 4096], "queue {q} head {head}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_restarted_daemon_resubmits_what_its_predecessor_took() {
+    restart_case(&Variant {
+        qcow2: false,
+        args: &[],
+        features: F_INDIRECT,
+    });
+}
+
+#[test]
+fn restart_with_threads_and_event_idx() {
+    restart_case(&Variant {
+        qcow2: false,
+        args: &["--aio", "threads"],
+        features: F_INDIRECT | F_EVENT_IDX,
+    });
+}
+
+#[test]
+fn restart_on_qcow2_with_subclusters_allocating() {
+    restart_case(&Variant {
+        qcow2: true,
+        args: &[],
+        features: F_INDIRECT | F_EVENT_IDX,
+    });
+}
+
+#[test]
+fn restart_on_qcow2_with_o_direct_and_threads() {
+    restart_case(&Variant {
+        qcow2: true,
+        args: &["--cache", "none", "--aio", "threads"],
+        features: F_INDIRECT,
+    });
 }
 
 /// The same crash without in-flight tracking: QEMU restarts the ring at the used index, so the
 /// request completed out of order is executed and completed again and the one before it is
-/// lost. This is what the test above guards against.
+/// lost. This is what the tests above guard against.
 #[test]
 fn without_inflight_tracking_the_same_restart_repeats_and_loses_requests() {
-    let mut s = setup(&["--inflight", "off"]);
-    let (mem, region) = first_life(&mut s, false);
+    let v = Variant {
+        qcow2: false,
+        args: &["--inflight", "off"],
+        features: F_INDIRECT,
+    };
+    let mut s = setup(v.args);
+    let (mem, region) = first_life(&mut s, v.features, false);
     assert!(region.is_none());
-    CRASH.lay_out(&mem, &s.image_path, None);
-    s.daemon = start(&s.dir, &s.image_path, &["--inflight", "off"]);
-    let mut h = HostileFrontend::handshake_mem(s.daemon.path(), F_INDIRECT, INFLIGHT, mem);
+    lay_out(0, &mem, None);
+    s.executed(0, &v);
+    s.daemon = start(&s.dir, &s.image_path, v.args);
+    let mut h = HostileFrontend::handshake_mem(s.daemon.path(), v.features, INFLIGHT, mem);
     assert!(
         !h.fe.get_protocol_features().unwrap().contains(INFLIGHT),
         "--inflight off still offers INFLIGHT_SHMFD"
     );
-    restart_queue(&mut h);
-    let mut heads = used_heads(&mut h, 3);
-    heads.sort_unstable();
-    assert_eq!(heads, [0, 3, 9]);
+    restart_queue(&mut h, 0);
+    assert_eq!(used_heads(&mut h, 0, 3), [0, 3, 9]);
 }
 
 /// Writes `bytes` over the region of queue 0, then starts the queue: whatever the region says,
@@ -451,4 +552,33 @@ fn sigterm_completes_and_publishes_before_it_disconnects() {
         .collect();
     ids.sort_unstable();
     assert_eq!(ids, (0..u32::from(at_hangup)).collect::<Vec<_>>());
+}
+
+#[test]
+fn reset_device_completes_what_was_taken_and_the_device_starts_again() {
+    let s = setup(&[]);
+    let mut h = HostileFrontend::handshake_with(
+        s.daemon.path(),
+        F_INDIRECT,
+        VhostUserProtocolFeatures::RESET_DEVICE,
+    );
+    h.start_queue(0, QSIZE).unwrap();
+    // A read offered and kicked, then the reset right away.
+    h.mem.write(HDR, &header(VIRTIO_BLK_T_IN, 4));
+    h.mem.write(STATUS, &[0xff]);
+    h.submit(0, &[Buf::R(HDR, 16), Buf::W(DATA, 4096), Buf::W(STATUS, 1)]);
+    h.fe.reset_device().unwrap();
+    // Whatever the ring had taken is completed by the time the reset is acknowledged.
+    let used = h.used_idx(0);
+    assert!(used <= 1);
+    if used == 1 {
+        assert_eq!(h.mem.read(STATUS, 1)[0], 0);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(h.used_idx(0), used, "the ring was served after the reset");
+    // The driver sets the device up again.
+    h.fe.set_features(h.features).unwrap();
+    h.queues.clear();
+    h.start_queue(0, QSIZE).unwrap();
+    assert_eq!(h.read_ok_at(0, 2, 512, HEALTH), s.image[1024..1536]);
 }
