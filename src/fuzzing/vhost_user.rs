@@ -117,6 +117,9 @@ fn run(data: &[u8], wait: Option<Duration>) -> u16 {
                 keep.push(m);
             }
         }
+        // The used index before this chunk: the device may serve the ring as soon as it is
+        // enabled, before the kick.
+        let before = used_idx(keep.first());
         let sent = if fds.is_empty() {
             front.write_all(bytes).is_ok()
         } else {
@@ -126,7 +129,6 @@ fn run(data: &[u8], wait: Option<Duration>) -> u16 {
             break;
         }
         if flags & 0x80 != 0 {
-            let before = used_idx(keep.first());
             for k in &kicks {
                 let _ = k.write(1);
             }

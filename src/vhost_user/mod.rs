@@ -74,6 +74,8 @@ impl Connection {
         let stopping = Arc::new(AtomicBool::new(false));
         let mut requests = BackendReqHandler::from_stream(stream, handler.clone());
         let quiet = stopping.clone();
+        let ours = handler.clone();
+        let hang_up = socket.try_clone()?;
         let thread = std::thread::Builder::new()
             .name("vhost-user".into())
             .spawn(move || {
@@ -87,6 +89,10 @@ impl Connection {
                         Err(e) => break End::Error(e),
                     }
                 };
+                // Complete and publish what the rings took before the front-end sees the
+                // connection close: it reads the used index then (as for SIGTERM, see `stop`).
+                ours.lock().unwrap_or_else(PoisonError::into_inner).close();
+                let _ = hang_up.shutdown(std::net::Shutdown::Both);
                 let _ = done_tx.write(1);
                 end
             })?;
