@@ -545,10 +545,13 @@ impl QueueWorker {
             let q = state.get_queue();
             (GuestAddress(q.desc_table()), q.size())
         };
-        while !self.at_capacity() {
-            let Some(head) = self.resubmit.pop_front() else {
+        while let Some(&head) = self.resubmit.front() {
+            if self.at_capacity() {
+                // Completions bring us back (see `process_completions`).
+                self.throttled = true;
                 break;
-            };
+            }
+            self.resubmit.pop_front();
             let max = self.settings.max_descriptors();
             let descs = super::chain::read_chain(&*mem, table, size, head, max);
             self.start_parsed(head, descs, &mem);

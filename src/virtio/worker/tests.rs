@@ -134,6 +134,18 @@ impl Harness {
 
     /// Makes a chain available; returns its head index.
     fn add(&mut self, bufs: &[Buf]) -> u16 {
+        let first = self.put_chain(bufs);
+        let m = self.mem.memory();
+        let idx: u16 = m.read_obj(GuestAddress(AVAIL + 2)).unwrap();
+        m.write_obj(first, GuestAddress(AVAIL + 4 + 2 * u64::from(idx % QSIZE)))
+            .unwrap();
+        m.write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2))
+            .unwrap();
+        first
+    }
+
+    /// Writes a chain into the descriptor table without making it available; returns its head.
+    fn put_chain(&mut self, bufs: &[Buf]) -> u16 {
         let m = self.mem.memory();
         let first = self.next_desc;
         let descs: Vec<RawDescriptor> = bufs
@@ -155,13 +167,20 @@ impl Harness {
             m.write_obj(*d, GuestAddress(DESC + 16 * (u64::from(first) + i as u64)))
                 .unwrap();
         }
-        let idx: u16 = m.read_obj(GuestAddress(AVAIL + 2)).unwrap();
-        m.write_obj(first, GuestAddress(AVAIL + 4 + 2 * u64::from(idx % QSIZE)))
-            .unwrap();
-        m.write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2))
-            .unwrap();
         self.next_desc += bufs.len() as u16;
         first
+    }
+
+    /// A 512-byte read of `sector` into a buffer of its own: (data, status, chain).
+    fn read_bufs(&mut self, sector: u64) -> (u64, u64, [Buf; 3]) {
+        let hdr = self.header(VIRTIO_BLK_T_IN, sector);
+        let data = self.alloc(512);
+        let st = self.status_buf();
+        (
+            data,
+            st,
+            [Buf::R(hdr, 16), Buf::W(data, 512), Buf::W(st, 1)],
+        )
     }
 
     /// The used ring's entries: (head, used length).
@@ -712,4 +731,95 @@ fn a_large_burst_is_published_in_two_parts() {
     assert_eq!(first_part(burst), 10);
     assert_eq!(first_part(BURST_MIN), BURST_MIN);
     assert_eq!(first_part(BURST_MIN + 1), BURST_MIN);
+}
+
+/// What an in-flight log was told, in order.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum Logged {
+    Taken(u16),
+    Publishing(u16),
+    Published(u16, u16),
+}
+
+struct Recorder(Arc<std::sync::Mutex<Vec<Logged>>>);
+
+impl InflightLog for Recorder {
+    fn taken(&mut self, head: u16) {
+        self.0.lock().unwrap().push(Logged::Taken(head));
+    }
+    fn publishing(&mut self, head: u16) {
+        self.0.lock().unwrap().push(Logged::Publishing(head));
+    }
+    fn published(&mut self, head: u16, used_idx: u16) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(Logged::Published(head, used_idx));
+    }
+}
+
+#[test]
+fn chains_are_logged_when_taken_and_when_published() {
+    for aio in [AioMode::IoUring, AioMode::Threads] {
+        let mut h = Harness::new(false, aio);
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let vring = h.vring.clone();
+        h.worker
+            .start_ring(&vring, Some(Box::new(Recorder(log.clone()))), Vec::new());
+        let heads: Vec<u16> = (0..4).map(|i| h.add_write(i * 8, 0x5a, 4096).0).collect();
+        let used = h.run();
+        let log = log.lock().unwrap().clone();
+        // Taken in avail order, before any is published.
+        let taken: Vec<Logged> = heads.iter().map(|&x| Logged::Taken(x)).collect();
+        assert_eq!(log[..4], taken[..], "{aio:?}");
+        // Then each used element between its two calls, the used index counting up.
+        for (k, &(head, _)) in used.iter().enumerate() {
+            let head = head as u16;
+            assert_eq!(log[4 + 2 * k], Logged::Publishing(head));
+            assert_eq!(log[5 + 2 * k], Logged::Published(head, k as u16 + 1));
+        }
+        assert_eq!(log.len(), 4 + 2 * heads.len());
+    }
+}
+
+#[test]
+fn resubmitted_chains_run_first_in_order_and_are_not_taken_again() {
+    let mut h = Harness::mapped(false);
+    let data: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
+    h.image.as_file().write_all_at(&data, 0).unwrap();
+    // Two chains a previous daemon took (not in the avail ring now), one new chain.
+    let (a_data, a_st, a) = h.read_bufs(1);
+    let (b_data, b_st, b) = h.read_bufs(2);
+    let (c_data, c_st, c) = h.read_bufs(3);
+    let head_a = h.put_chain(&a);
+    let head_b = h.put_chain(&b);
+    let head_c = h.add(&c);
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let vring = h.vring.clone();
+    h.worker.start_ring(
+        &vring,
+        Some(Box::new(Recorder(log.clone()))),
+        vec![head_b, head_a],
+    );
+    // Mapped reads complete as they start: the used ring shows the order they were started in.
+    let used: Vec<u32> = h.run().iter().map(|&(head, _)| head).collect();
+    assert_eq!(used, [head_b, head_a, head_c].map(u32::from));
+    for (d, st, sector) in [(a_data, a_st, 1), (b_data, b_st, 2), (c_data, c_st, 3)] {
+        assert_eq!(h.byte(st), OK);
+        let mut got = [0u8; 512];
+        h.mem
+            .memory()
+            .read_slice(&mut got, GuestAddress(d))
+            .unwrap();
+        assert_eq!(got[..], data[sector * 512..][..512]);
+    }
+    // Only the new chain is marked; the resubmitted ones still were.
+    let taken: Vec<Logged> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .copied()
+        .filter(|e| matches!(e, Logged::Taken(_)))
+        .collect();
+    assert_eq!(taken, [Logged::Taken(head_c)]);
 }
