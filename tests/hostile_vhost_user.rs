@@ -146,27 +146,28 @@ fn ring_addresses_outside_memory_are_refused() {
     s.healthy();
 }
 
+/// Both queues started; the configuration that moves queue 0's rings to start inside memory
+/// and end outside it.
+fn rings_at_the_end(s: &Setup) -> (HostileFrontend, VringConfigData) {
+    let mut h = HostileFrontend::handshake(s.daemon.path(), F_INDIRECT);
+    h.start_queue(0, QSIZE).unwrap();
+    h.start_queue(1, QSIZE).unwrap();
+    let mut cfg = h.vring_config(0, QSIZE);
+    cfg.desc_table_addr = h.mem.uva(MEM_END - 64);
+    cfg.avail_ring_addr = h.mem.uva(MEM_END - 4);
+    cfg.used_ring_addr = h.mem.uva(MEM_END - 8);
+    (h, cfg)
+}
+
 #[test]
 fn rings_running_off_the_end_of_memory_do_not_hurt() {
     let mut s = setup();
-    let mut h = HostileFrontend::handshake(s.daemon.path(), F_INDIRECT);
-    // Queue 1 starts normally; queue 0's rings start inside memory and end outside it.
-    h.start_queue(0, QSIZE).unwrap();
-    h.start_queue(1, QSIZE).unwrap();
-    let mut cfg = h.vring_config(0, QSIZE);
-    cfg.desc_table_addr = h.mem.uva(MEM_END - 64);
-    cfg.avail_ring_addr = h.mem.uva(MEM_END - 4);
-    cfg.used_ring_addr = h.mem.uva(MEM_END - 8);
     // A running ring cannot move.
+    let (h, cfg) = rings_at_the_end(&s);
     assert!(h.fe.set_vring_addr(0, &cfg).is_err());
     drop(h);
-    let mut h = HostileFrontend::handshake(s.daemon.path(), F_INDIRECT);
-    h.start_queue(0, QSIZE).unwrap();
-    h.start_queue(1, QSIZE).unwrap();
-    let mut cfg = h.vring_config(0, QSIZE);
-    cfg.desc_table_addr = h.mem.uva(MEM_END - 64);
-    cfg.avail_ring_addr = h.mem.uva(MEM_END - 4);
-    cfg.used_ring_addr = h.mem.uva(MEM_END - 8);
+    // Queue 1 runs normally; queue 0's rings start inside memory and end outside it.
+    let (mut h, cfg) = rings_at_the_end(&s);
     // Stopped, it can; only where each ring starts is checked then (the size may come later).
     h.fe.get_vring_base(0).unwrap();
     h.fe.set_vring_addr(0, &cfg).unwrap();
