@@ -141,6 +141,15 @@ impl ImageFile {
         }
     }
 
+    /// The same file opened again for writing without O_DIRECT (through `/proc/self/fd`, so it
+    /// is this very file whatever happened to its path since). Takes no image locks.
+    pub fn reopen_buffered(&self) -> std::io::Result<File> {
+        FsOpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+
     /// Alignment of offsets and lengths (and buffers) of O_DIRECT transfers.
     fn direct_align(&self) -> u64 {
         self.offset_align.max(self.mem_align as u64)

@@ -181,12 +181,18 @@ pub struct L2Cache {
 
 impl L2Cache {
     /// A cache holding at most `bytes` of clean tables of `1 << cluster_bits` bytes (at least one
-    /// table per shard), whose tables track changes in blocks of `block_bytes`.
-    pub fn new(bytes: u64, cluster_bits: u32, block_bytes: u64) -> Self {
+    /// table per shard), whose tables track changes in blocks of `block_bytes`. `whole`: `bytes`
+    /// holds every table of the image, and no shard evicts (tables do not spread evenly over
+    /// shards, and a shard that evicts has them read again).
+    pub fn new(bytes: u64, cluster_bits: u32, block_bytes: u64, whole: bool) -> Self {
         let tables = (bytes >> cluster_bits).max(SHARDS as u64) as usize;
         L2Cache {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            per_shard: tables.div_ceil(SHARDS),
+            per_shard: if whole {
+                tables
+            } else {
+                tables.div_ceil(SHARDS)
+            },
             cluster_bits,
             block_bytes,
             over: AtomicBool::new(false),
@@ -317,7 +323,7 @@ mod tests {
 
     #[test]
     fn bounded_keeps_dirty_and_first_insert() {
-        let c = L2Cache::new(16 * 65536, 16, 16);
+        let c = L2Cache::new(16 * 65536, 16, 16, false);
         // All in shard 0: offsets that are multiples of 16 clusters.
         let key = |i: u64| i * 16 * 65536;
         c.insert(t(key(0), 0, false));

@@ -194,6 +194,7 @@ impl Qcow2Image {
             opts.l2_cache_bytes.min(needed.max(1)),
             header.cluster_bits,
             write_block(&file, header.cluster_size()),
+            opts.l2_cache_bytes >= needed,
         );
         let mut img = Qcow2Image {
             path,
@@ -275,7 +276,7 @@ impl Qcow2Image {
                 (true, false) => write::Grow::Hole,
                 (true, true) => write::Grow::Reserve,
             },
-            self.file.direct,
+            &self.file,
         ));
         if self.header.bitmaps.is_some() {
             self.drop_bitmaps()?;

@@ -169,13 +169,13 @@ fn lock(m: &Mutex<Meta>) -> MutexGuard<'_, Meta> {
 const RESERVE_BYTES: u64 = 8 << 20;
 
 impl Writable {
-    /// `direct`: the image is opened with O_DIRECT (metadata writes then overlap on the device).
+    /// `file`: the image, for metadata writes.
     pub(super) fn new(
         refcounts: Refcounts,
         lazy: bool,
         cluster_bits: u32,
         grow: Grow,
-        direct: bool,
+        file: &crate::block::file::ImageFile,
     ) -> Writable {
         let end = refcounts.end << cluster_bits;
         Writable {
@@ -190,7 +190,7 @@ impl Writable {
                 grow,
                 draining: None,
             }),
-            writeback: Mutex::new(writeback::WriteBack::new(direct)),
+            writeback: Mutex::new(writeback::WriteBack::new(file)),
             changed: AtomicBool::new(false),
             lazy,
             reserve: (RESERVE_BYTES >> cluster_bits).clamp(16, 1024) as usize,

@@ -17,36 +17,76 @@
 //! only) → refcount blocks with the frees whose last references the synced tables removed.
 
 use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
 
 use log::info;
 
 use super::{lock, Writable};
+use crate::block::file::ImageFile;
 use crate::block::qcow2::cache::DirtyBlocks;
 use crate::block::qcow2::header::OFFSET_INCOMPATIBLE;
 use crate::block::qcow2::Qcow2Image;
 use crate::block::BlockError;
 use crate::io::batch::Batch;
 
-/// What metadata writes keep between calls (under `Writable::writeback`).
+/// Where metadata writes go (kept under `Writable::writeback`).
+///
+/// An image opened with O_DIRECT (`--cache none`) gets its metadata written through the page
+/// cache of a second, buffered descriptor: a write-through then costs a copy, not a round trip
+/// to the device that the queue would wait for at every pass (measured: allocating 4 KiB writes
+/// at half the rate). The kernel keeps the two coherent (an O_DIRECT read or write of a range
+/// first writes its dirty pages back and drops them), and a sync of either descriptor syncs the
+/// file. Without that descriptor (no `/proc`), the writes go through O_DIRECT, overlapping on the
+/// device.
 pub(in crate::block::qcow2) struct WriteBack {
     batch: Batch,
+    buffered: Option<File>,
 }
 
 impl WriteBack {
-    /// `direct`: the image is opened with O_DIRECT.
-    pub(in crate::block::qcow2) fn new(direct: bool) -> WriteBack {
+    /// For metadata writes to `file`.
+    pub(in crate::block::qcow2) fn new(file: &ImageFile) -> WriteBack {
+        let buffered = if file.direct {
+            file.reopen_buffered()
+                .inspect_err(|e| {
+                    info!(
+                        "{}: metadata written with O_DIRECT (cannot reopen the file buffered: {e})",
+                        file.path.display()
+                    )
+                })
+                .ok()
+        } else {
+            None
+        };
         WriteBack {
-            batch: Batch::new(direct),
+            batch: Batch::new(file.direct && buffered.is_none()),
+            buffered,
         }
+    }
+
+    /// Overwrites each `(offset, bytes)` of `file` (the image).
+    fn write<'a>(
+        &mut self,
+        file: &ImageFile,
+        runs: impl IntoIterator<Item = (u64, &'a [u8])>,
+    ) -> Result<(), BlockError> {
+        match &self.buffered {
+            Some(f) => runs
+                .into_iter()
+                .try_for_each(|(offset, bytes)| f.write_all_at(bytes, offset)),
+            None => file.write_runs(&mut self.batch, runs),
+        }
+        .map_err(io)
     }
 }
 
 /// Metadata taken for writing.
 struct Changes {
     /// Clusters freed (and not yet released) before the changes were taken: the changes hold
-    /// the removal of their last references.
+    /// the removal of their last references (write-back only).
     freed: Vec<u64>,
     /// L1 indices taken, and their blocks as (file offset, bytes).
     l1_indices: Vec<usize>,
@@ -85,7 +125,7 @@ impl Qcow2Image {
         if !w.changed.swap(false, Ordering::AcqRel) {
             return Ok(());
         }
-        let changes = self.take_changes(w);
+        let changes = self.take_changes(w, false);
         let result = self.write_changes(w, &mut wb, &changes, Count::IfNeeded);
         if result.is_err() {
             w.changed.store(true, Ordering::Release);
@@ -106,7 +146,7 @@ impl Qcow2Image {
         if close {
             lock(&w.meta).refcounts.drop_reservations();
         }
-        let changes = self.take_changes(w);
+        let changes = self.take_changes(w, true);
         let count = if close { Count::Exact } else { Count::Always };
         let result = self
             .write_changes(w, &mut wb, &changes, count)
@@ -139,12 +179,7 @@ impl Qcow2Image {
                     m.refcounts.snapshot_blocks(&later)
                 }
             };
-            self.file
-                .write_runs(
-                    &mut wb.batch,
-                    blocks.iter().map(|(o, b)| (*o, b.as_slice())),
-                )
-                .map_err(io)?;
+            wb.write(&self.file, blocks.iter().map(|(o, b)| (*o, b.as_slice())))?;
             self.write_refcount_table(w)?;
             self.file.file.sync_data().map_err(io)?;
         }
@@ -170,10 +205,15 @@ impl Qcow2Image {
     /// table a taken L1 entry points to, and every removal of a taken free's last reference, is
     /// among the taken tables (both happen before under the metadata lock). Refcounts are looked
     /// at only after this: every cluster the taken entries reference was allocated before.
-    fn take_changes(&self, w: &Writable) -> Changes {
+    /// `frees`: take the frees too (a write-back writes them).
+    fn take_changes(&self, w: &Writable, frees: bool) -> Changes {
         let (freed, l1_indices, l1) = {
             let mut m = lock(&w.meta);
-            let freed = m.refcounts.quarantined();
+            let freed = if frees {
+                m.refcounts.quarantined()
+            } else {
+                Vec::new()
+            };
             let indices: Vec<usize> = std::mem::take(&mut m.l1_dirty).into_iter().collect();
             let l1 = self.l1_blocks(&indices);
             (freed, indices, l1)
@@ -256,13 +296,8 @@ impl Qcow2Image {
                 }
             };
             if let Some(blocks) = blocks {
-                let written = self
-                    .file
-                    .write_runs(
-                        &mut wb.batch,
-                        blocks.iter().map(|(o, b)| (*o, b.as_slice())),
-                    )
-                    .map_err(io)
+                let written = wb
+                    .write(&self.file, blocks.iter().map(|(o, b)| (*o, b.as_slice())))
                     .and_then(|()| self.write_refcount_table(w))
                     .and_then(|()| self.file.file.sync_data().map_err(io));
                 if let Err(e) = written {
@@ -273,13 +308,11 @@ impl Qcow2Image {
             }
         }
         let runs = changes.tables.iter().flat_map(|t| t.runs.iter());
-        self.file
-            .write_runs(&mut wb.batch, runs.map(|(o, b)| (*o, b.as_slice())))
-            .map_err(io)?;
+        wb.write(&self.file, runs.map(|(o, b)| (*o, b.as_slice())))?;
         if !changes.l1.is_empty() {
             self.file.file.sync_data().map_err(io)?;
             let runs = changes.l1.iter().map(|(o, b)| (*o, b.as_slice()));
-            self.file.write_runs(&mut wb.batch, runs).map_err(io)?;
+            wb.write(&self.file, runs)?;
         }
         Ok(())
     }
