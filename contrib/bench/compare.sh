@@ -6,7 +6,8 @@
 # Prints a markdown table of medians and ratios; raw results go to $WORK/results.jsonl.
 #
 # Environment: RUNTIME (seconds per run, 5), ROUNDS (3), CACHES ("writeback none"),
-# WORK (/var/tmp/vub-bench), ONLY (a workload name to run alone), OURS_ARGS (more arguments for
+# WORK (/var/tmp/vub-bench), ONLY (workload names to run alone, space-separated; the fio ceiling
+# runs only with randread-4k-qd32), OURS_ARGS (more arguments for
 # vhost-device-blk, e.g. "--mapped-reads off").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -112,7 +113,7 @@ record() { # cache workload backend json [peak RSS KiB] [peak RssAnon KiB]
 for cache in $CACHES; do
     echo "$WORKLOADS" | while IFS='|' read -r name image queues args; do
         [ -n "$name" ] || continue
-        [ -z "$ONLY" ] || [ "$ONLY" = "$name" ] || continue
+        [ -z "$ONLY" ] || [[ " $ONLY " == *" $name "* ]] || continue
         cold=
         case $name in *-cold) cold=1 ;; esac
         [ -z "$cold" ] || [ "$cache" != none ] || continue
@@ -140,6 +141,7 @@ for cache in $CACHES; do
     done
     # The host's ceiling: fio with io_uring on one thread on the raw file: the disk with O_DIRECT,
     # the kernel's buffered read with the page cache (kept: fio drops it by default).
+    [ -z "$ONLY" ] || [[ " $ONLY " == *" randread-4k-qd32 "* ]] || continue
     direct=0
     [ "$cache" = none ] && direct=1
     qemu-img convert -O raw filled.qcow2 fio.raw

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use super::lock::{self, Locking, Perms};
 use super::{CacheMode, OpenError};
+use crate::io::batch::{Batch, BatchWrite};
 use crate::io::{sys, IoOp, OpKind};
 use crate::util::aligned::AlignedBuf;
 
@@ -119,22 +120,67 @@ impl ImageFile {
         self.file.sync_data()
     }
 
-    /// Overwrites `data` at `offset` (read-modify-write of the aligned blocks under O_DIRECT).
-    /// Metadata writes only; callers serialize writes that share an aligned block.
+    /// Overwrites `data` at `offset` (read-modify-write of the aligned blocks under O_DIRECT,
+    /// unless it covers them whole). Metadata writes only; callers serialize writes that share an
+    /// aligned block.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         let fd = self.file.as_raw_fd();
         if self.direct {
-            let align = self.offset_align.max(self.mem_align as u64);
+            let align = self.direct_align();
             let start = offset - offset % align;
             let end = (offset + data.len() as u64).next_multiple_of(align);
             let mut tmp = AlignedBuf::new((end - start) as usize, self.mem_align.max(512));
-            pread_full(fd, tmp.as_mut_slice(), start)?;
+            if start != offset || end != offset + data.len() as u64 {
+                pread_full(fd, tmp.as_mut_slice(), start)?;
+            }
             let skip = (offset - start) as usize;
             tmp.as_mut_slice()[skip..skip + data.len()].copy_from_slice(data);
             pwrite_full(fd, tmp.as_slice(), start)
         } else {
             pwrite_full(fd, data, offset)
         }
+    }
+
+    /// The same file opened again for writing without O_DIRECT (through `/proc/self/fd`, so it
+    /// is this very file whatever happened to its path since). Takes no image locks.
+    pub fn reopen_buffered(&self) -> std::io::Result<File> {
+        FsOpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+
+    /// Alignment of offsets and lengths (and buffers) of O_DIRECT transfers.
+    fn direct_align(&self) -> u64 {
+        self.offset_align.max(self.mem_align as u64)
+    }
+
+    /// Overwrites each `(offset, bytes)`: metadata writes, run as one [`Batch`] (overlapping on
+    /// the device under O_DIRECT) where they are aligned for the file, by [`ImageFile::write_at`]
+    /// otherwise. All have been tried when this returns; the first error is returned.
+    pub fn write_runs<'a>(
+        &self,
+        batch: &mut Batch,
+        runs: impl IntoIterator<Item = (u64, &'a [u8])>,
+    ) -> std::io::Result<()> {
+        let align = if self.direct { self.direct_align() } else { 1 };
+        let mut writes = Vec::new();
+        let mut result = Ok(());
+        for (offset, data) in runs {
+            if offset % align == 0 && data.len() as u64 % align == 0 {
+                let mut buf = AlignedBuf::new(data.len(), self.mem_align.max(8));
+                buf.as_mut_slice().copy_from_slice(data);
+                writes.push(BatchWrite {
+                    fd: self.file.as_raw_fd(),
+                    offset,
+                    buf,
+                });
+            } else if let Err(e) = self.write_at(offset, data) {
+                result = result.and(Err(e));
+            }
+        }
+        let ran = batch.run(writes);
+        result.and(ran)
     }
 }
 

@@ -284,6 +284,9 @@ pub struct WritePlan {
     pub extra: Vec<ExtraWrite>,
     /// When set, pass it to [`BlockBackend::commit_write`] once every write has completed.
     pub ticket: Option<u64>,
+    /// The commit changes metadata: complete the write only after a
+    /// [`BlockBackend::write_through`] that follows the commit.
+    pub metadata: bool,
 }
 
 /// A disk image format. Implementations are shared by all queue threads.
@@ -302,6 +305,15 @@ pub trait BlockBackend: Send + Sync {
     /// Makes a planned write visible (`ok`) or undoes its reservations (a write failed).
     fn commit_write(&self, ticket: u64, ok: bool) -> Result<(), BlockError> {
         let _ = (ticket, ok);
+        Ok(())
+    }
+
+    /// Writes the metadata changed since the last call (by committed writes, discards and
+    /// write-zeroes, on any queue) to the image file, without syncing it: a request that changed
+    /// metadata is completed only after a call that follows its change returned `Ok`, so that it
+    /// survives a restart of the daemon (not a crash of the host: that takes a flush). Cheap when
+    /// nothing changed. On an error the changes stay pending, and the requests must fail.
+    fn write_through(&self) -> Result<(), BlockError> {
         Ok(())
     }
 

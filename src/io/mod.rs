@@ -6,6 +6,7 @@
 //! transfers themselves, so a completion is all-or-error. This module knows nothing about
 //! virtio or image formats.
 
+pub mod batch;
 pub mod mapped;
 pub mod sys;
 pub mod threads;

@@ -125,6 +125,8 @@ struct InFlight {
     mem: Arc<GuestMem>,
     /// Metadata to commit once the writes are done.
     ticket: Option<u64>,
+    /// The request changes metadata: published only after a write-through.
+    metadata: bool,
     /// Copy-on-write data the operations write from.
     _buffers: Vec<AlignedBuf>,
     /// Copy-on-write writes submitted once their buffers are filled.
@@ -144,6 +146,8 @@ struct Plan {
     host_ops: Vec<HostOp>,
     used_len: u32,
     ticket: Option<u64>,
+    /// See [`InFlight::metadata`].
+    metadata: bool,
     buffers: Vec<AlignedBuf>,
     /// Reads for the deferred write at the index they carry.
     fill_reads: Vec<(usize, IoOp)>,
@@ -165,6 +169,9 @@ pub struct QueueWorker {
     free: Vec<usize>,
     /// Completed chains not yet published: (head, used length).
     used: Vec<(u16, u32)>,
+    /// Status bytes of completed requests that changed metadata, turned into errors if the
+    /// write-through before publishing fails.
+    through: Vec<(Arc<GuestMem>, GuestAddress)>,
     completions: Vec<Completion>,
     extents: Vec<Extent>,
     iov: Vec<libc::iovec>,
@@ -314,6 +321,7 @@ impl QueueWorker {
             slots: Vec::new(),
             free: Vec::new(),
             used: Vec::new(),
+            through: Vec::new(),
             completions: Vec::new(),
             extents: Vec::new(),
             iov: Vec::new(),
@@ -617,7 +625,8 @@ impl QueueWorker {
                 if plan.ops.is_empty()
                     && plan.offloaded.is_empty()
                     && plan.host_ops.is_empty()
-                    && plan.ticket.is_none() =>
+                    && plan.ticket.is_none()
+                    && !plan.metadata =>
             {
                 self.finish(mem, head, status, Ok(plan.used_len));
             }
@@ -645,6 +654,7 @@ impl QueueWorker {
             host_ops: plan.host_ops,
             mem,
             ticket: plan.ticket,
+            metadata: plan.metadata,
             _buffers: plan.buffers,
             deferred: plan.deferred,
         };
@@ -824,6 +834,9 @@ impl QueueWorker {
             None => Ok(req.used_len),
             Some(e) => Err(e),
         };
+        if req.metadata && result.is_ok() {
+            self.through.push((req.mem.clone(), req.status));
+        }
         self.finish(&req.mem, req.head, req.status, result);
     }
 
@@ -856,6 +869,7 @@ impl QueueWorker {
 
     /// Returns finished chains to the guest and notifies it if it wants to be.
     fn publish(&mut self, vring: &Vring) {
+        self.write_through();
         if self.used.is_empty() {
             return;
         }
@@ -882,6 +896,26 @@ impl QueueWorker {
         }
     }
 
+    /// Puts the metadata that finished requests changed into the image file before they are
+    /// published (once per pass); if that fails, they fail.
+    fn write_through(&mut self) {
+        if self.through.is_empty() {
+            return;
+        }
+        if let Err(e) = self.backend.write_through() {
+            let e = RequestError::from(e);
+            guest_warn!(
+                "queue {}: {} requests failed: {e}",
+                self.index,
+                self.through.len()
+            );
+            for (mem, status) in &self.through {
+                let _ = mem.write_obj(e.status(), *status);
+            }
+        }
+        self.through.clear();
+    }
+
     /// Validates a request and turns it into host operations.
     fn plan(&mut self, req: &Request, mem: &GuestMem) -> Result<Plan, RequestError> {
         let mut plan = Plan {
@@ -896,6 +930,7 @@ impl QueueWorker {
                 plan.used_len = n as u32 + 1;
             }
             RequestType::Discard | RequestType::WriteZeroes => {
+                plan.metadata = true;
                 self.plan_discard(req, mem, &mut plan.host_ops)?
             }
             RequestType::Unsupported(t) => return Err(RequestError::UnsupportedType(t)),
@@ -960,6 +995,7 @@ impl QueueWorker {
             let wp = self.backend.begin_write(offset, len, &self.waker)?;
             self.extents = wp.extents;
             plan.ticket = wp.ticket;
+            plan.metadata = wp.metadata;
             extra = wp.extra;
         } else {
             self.backend.map_read(offset, len, &mut self.extents)?;

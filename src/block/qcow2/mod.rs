@@ -190,7 +190,12 @@ impl Qcow2Image {
             }
         };
         let needed = u64::from(header.l1_size) << header.cluster_bits;
-        let cache = L2Cache::new(opts.l2_cache_bytes.min(needed.max(1)), header.cluster_bits);
+        let cache = L2Cache::new(
+            opts.l2_cache_bytes.min(needed.max(1)),
+            header.cluster_bits,
+            write_block(&file, header.cluster_size()),
+            opts.l2_cache_bytes >= needed,
+        );
         let mut img = Qcow2Image {
             path,
             file,
@@ -271,6 +276,7 @@ impl Qcow2Image {
                 (true, false) => write::Grow::Hole,
                 (true, true) => write::Grow::Reserve,
             },
+            &self.file,
         ));
         if self.header.bitmaps.is_some() {
             self.drop_bitmaps()?;
@@ -392,9 +398,7 @@ impl Qcow2Image {
             .chunks_exact(8)
             .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])))
             .collect();
-        Ok(self
-            .cache
-            .insert(Arc::new(L2Table::new(offset, entries, false))))
+        Ok(self.cache.insert(self.cache.table(offset, entries, false)))
     }
 
     /// End of the image file as far as metadata may point (it grows as clusters are allocated).
@@ -582,6 +586,17 @@ impl Qcow2Image {
         }
         v
     }
+}
+
+/// The unit in which changed metadata is written: a page with the page cache (a whole page is
+/// written without reading it first), the O_DIRECT alignment otherwise; at most a cluster.
+fn write_block(file: &ImageFile, cluster_size: u64) -> u64 {
+    let block = if file.direct {
+        file.offset_align.max(file.mem_align as u64).max(512)
+    } else {
+        4096
+    };
+    block.min(cluster_size)
 }
 
 fn open_backing(
@@ -809,6 +824,10 @@ impl BlockBackend for Qcow2Backend {
 
     fn commit_write(&self, ticket: u64, ok: bool) -> Result<(), BlockError> {
         self.top.commit_write(ticket, ok)
+    }
+
+    fn write_through(&self) -> Result<(), BlockError> {
+        self.top.write_through()
     }
 
     fn flush(&self, out: &mut Vec<HostOp>) -> Result<(), BlockError> {

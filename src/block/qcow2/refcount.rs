@@ -54,7 +54,16 @@ pub struct Refcounts {
     /// Only allocate at the end of the file (during repair, when free-looking clusters may be
     /// referenced).
     pub append_only: bool,
+    /// Free clusters counted as used in the refcount blocks written to the file (see
+    /// [`Refcounts::reserve_ahead`]): the next ones allocation hands out.
+    reserved: BTreeSet<u64>,
+    /// A cluster got its first reference since the last [`Refcounts::counted`], and the file
+    /// does not count it yet (it was not reserved).
+    uncounted: bool,
 }
+
+/// Clusters [`Refcounts::reserve_ahead`] looks at below the end of the file, at most.
+const RESERVE_SCAN: u64 = 1 << 20;
 
 impl Refcounts {
     fn entries_per_block(&self) -> u64 {
@@ -113,6 +122,8 @@ impl Refcounts {
             free_hint: 0,
             quarantine: HashSet::new(),
             append_only: false,
+            reserved: BTreeSet::new(),
+            uncounted: false,
         };
         // Preallocated or leaked clusters may have refcounts past the end of the file.
         if let Some(last) = r.last_used() {
@@ -137,6 +148,8 @@ impl Refcounts {
             free_hint: 0,
             quarantine: HashSet::new(),
             append_only: true,
+            reserved: BTreeSet::new(),
+            uncounted: false,
         }
     }
 
@@ -186,8 +199,12 @@ impl Refcounts {
         let epb = self.entries_per_block();
         let b = (cluster / epb) as usize;
         if let Some(Some(block)) = self.blocks.get_mut(b) {
+            let old = read_entry(block, self.order, cluster % epb);
             write_entry(block, self.order, cluster % epb, value);
             self.dirty_blocks.insert(b);
+            if old == 0 && value > 0 && !self.reserved.remove(&cluster) {
+                self.uncounted = true;
+            }
         }
         if value > 0 {
             self.end = self.end.max(cluster + 1);
@@ -350,8 +367,8 @@ impl Refcounts {
         }
     }
 
-    /// Copies of the dirty blocks with one reference added back to each of `bump` (frees not
-    /// yet to be written), keeping them dirty.
+    /// Copies of the dirty blocks as the file should hold them: reserved clusters counted, and
+    /// one reference added back to each of `bump` (frees not yet to be written). They stay dirty.
     pub fn snapshot_blocks(&self, bump: &[u64]) -> Vec<(u64, Vec<u8>)> {
         let epb = self.entries_per_block();
         let mut blocks: Vec<(usize, Vec<u8>)> = self
@@ -359,11 +376,14 @@ impl Refcounts {
             .iter()
             .filter_map(|&b| Some((b, self.blocks.get(b)?.as_ref()?.to_vec())))
             .collect();
-        for &c in bump {
+        let reserved = self.reserved.iter().map(|&c| (c, true));
+        for (c, set) in reserved.chain(bump.iter().map(|&c| (c, false))) {
             let b = (c / epb) as usize;
-            if let Some((_, bytes)) = blocks.iter_mut().find(|(i, _)| *i == b) {
+            if let Ok(i) = blocks.binary_search_by_key(&b, |(i, _)| *i) {
+                let bytes = &mut blocks[i].1;
                 let v = read_entry(bytes, self.order, c % epb);
-                write_entry(bytes, self.order, c % epb, v + 1);
+                let v = if set { v.max(1) } else { v + 1 };
+                write_entry(bytes, self.order, c % epb, v.min(self.max_value()));
             }
         }
         blocks
@@ -372,16 +392,62 @@ impl Refcounts {
             .collect()
     }
 
-    /// Dirty blocks as (file offset, bytes), and forgets that they were dirty.
+    /// Dirty blocks as (file offset, bytes) as the file should hold them (reserved clusters
+    /// counted), and forgets that they were dirty.
     pub fn take_dirty_blocks(&mut self) -> Vec<(u64, Vec<u8>)> {
-        let dirty = std::mem::take(&mut self.dirty_blocks);
-        dirty
-            .into_iter()
-            .filter_map(|b| {
-                let block = self.blocks.get(b)?.as_ref()?;
-                Some((self.table[b], block.to_vec()))
-            })
-            .collect()
+        let blocks = self.snapshot_blocks(&[]);
+        self.dirty_blocks.clear();
+        blocks
+    }
+
+    /// Whether a cluster got its first reference, unreserved, since the last call (then the
+    /// caller writes the blocks and syncs before anything referencing it may reach the file).
+    pub fn counted(&mut self) -> bool {
+        std::mem::replace(&mut self.uncounted, false)
+    }
+
+    /// Makes the next [`Refcounts::counted`] say that clusters are not counted (writing the
+    /// blocks failed).
+    pub fn uncount(&mut self) {
+        self.uncounted = true;
+    }
+
+    /// Reserves the next free clusters allocation will hand out, up to `n` in all, so that the
+    /// refcount blocks written next count them as used: entries pointing to them may then be
+    /// written before the blocks are written again (a crash leaks the unused ones, at worst).
+    /// Best effort: a cluster allocated outside the reservation only makes [`Refcounts::counted`]
+    /// say so.
+    pub fn reserve_ahead(&mut self, n: usize) {
+        let epb = self.entries_per_block();
+        // Free clusters below the end, in the order `find_free` takes them.
+        let start = self.free_hint.max(1);
+        let stop = self.end.min(start.saturating_add(RESERVE_SCAN));
+        let mut c = start;
+        while self.reserved.len() < n && c < stop && !self.append_only {
+            if self.get(c) == 0 && !self.quarantine.contains(&c) && self.reserved.insert(c) {
+                self.dirty_blocks.insert((c / epb) as usize);
+            }
+            c += 1;
+        }
+        // Then the end of the file; a refcount block it needs takes the first of them.
+        let mut c = self.end;
+        while self.reserved.len() < n {
+            if self.ensure_block(c).is_err() {
+                break;
+            }
+            if self.get(c) == 0 && self.reserved.insert(c) {
+                self.dirty_blocks.insert((c / epb) as usize);
+            }
+            c += 1;
+        }
+    }
+
+    /// Forgets the reservations (the blocks get written with the real counts).
+    pub fn drop_reservations(&mut self) {
+        let epb = self.entries_per_block();
+        for c in std::mem::take(&mut self.reserved) {
+            self.dirty_blocks.insert((c / epb) as usize);
+        }
     }
 
     /// The table as it goes on disk (its full cluster span).

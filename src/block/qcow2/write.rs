@@ -1,14 +1,17 @@
 //! The write side of the active image: cluster allocation with copy-on-write only where needed,
-//! metadata commits after the data is written, write-back at flush and clean close, lazy
-//! refcounts with the dirty bit, discard and write-zeroes.
+//! metadata commits after the data is written, lazy refcounts with the dirty bit, discard and
+//! write-zeroes. Getting the metadata into the file (write-through, flush, clean close) is in
+//! `writeback.rs`.
 //!
 //! Locking: `Writable::meta` guards the refcounts, the in-flight allocations and pending commits;
 //! it is never held across I/O. Reads of missing L2 tables happen before it is taken.
-//! `Writable::writeback` serializes metadata writes (flush, close) and is held across them; it
-//! never blocks lookups or the data path.
+//! `Writable::writeback` serializes metadata writes (write-through, flush, close) and is held
+//! across them; it never blocks lookups or the data path.
+
+mod writeback;
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use log::info;
@@ -27,9 +30,14 @@ use crate::util::aligned::AlignedBuf;
 /// Allocation state of a writable image.
 pub(super) struct Writable {
     meta: Mutex<Meta>,
-    writeback: Mutex<()>,
+    writeback: Mutex<writeback::WriteBack>,
+    /// Metadata changed in memory since the last write-through or write-back.
+    changed: AtomicBool,
     /// Refcounts are written only at clean close; the dirty bit covers the gap.
     lazy: bool,
+    /// Eager refcounts: how many free clusters the refcount blocks in the file count ahead of
+    /// allocation (see [`Refcounts::reserve_ahead`]).
+    reserve: usize,
     /// End of the file in bytes, as allocation has grown it.
     end: AtomicU64,
     /// In-place writes in flight: clusters freed meanwhile wait for them before reuse.
@@ -156,8 +164,19 @@ fn lock(m: &Mutex<Meta>) -> MutexGuard<'_, Meta> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Eager refcounts count this much ahead of allocation (in bytes; 16 to 1024 clusters): a sync
+/// of the refcount blocks every this many allocations, and at most this much leaked by a crash.
+const RESERVE_BYTES: u64 = 8 << 20;
+
 impl Writable {
-    pub(super) fn new(refcounts: Refcounts, lazy: bool, cluster_bits: u32, grow: Grow) -> Writable {
+    /// `file`: the image, for metadata writes.
+    pub(super) fn new(
+        refcounts: Refcounts,
+        lazy: bool,
+        cluster_bits: u32,
+        grow: Grow,
+        file: &crate::block::file::ImageFile,
+    ) -> Writable {
         let end = refcounts.end << cluster_bits;
         Writable {
             meta: Mutex::new(Meta {
@@ -171,8 +190,10 @@ impl Writable {
                 grow,
                 draining: None,
             }),
-            writeback: Mutex::new(()),
+            writeback: Mutex::new(writeback::WriteBack::new(file)),
+            changed: AtomicBool::new(false),
             lazy,
+            reserve: (RESERVE_BYTES >> cluster_bits).clamp(16, 1024) as usize,
             end: AtomicU64::new(end),
             in_place: InPlaceWrites::default(),
         }
@@ -286,9 +307,7 @@ impl Qcow2Image {
             .alloc(1)
             .map_err(|e| BlockError::Io(std::io::Error::other(e)))?;
         self.grow_end(meta);
-        let table = self
-            .cache
-            .insert(Arc::new(L2Table::new(c * cs, entries, true)));
+        let table = self.cache.insert(self.cache.table(c * cs, entries, true));
         if off != 0 {
             meta.refcounts
                 .decrement(off / cs)
@@ -444,6 +463,7 @@ impl Qcow2Image {
         // Outside the lock: the guest data's place, and the copy-on-write data.
         let mut plan = WritePlan {
             ticket: Some(ticket),
+            metadata: true,
             ..Default::default()
         };
         let fd = self.data_fd();
@@ -712,10 +732,13 @@ impl Qcow2Image {
                 // the one the cache holds.
                 let table = self.cache.insert(u.table.clone());
                 let mut t = table.write();
-                t[u.index] = u.entry;
+                t.set(u.index, u.entry);
                 if let Some(bm) = u.bitmap {
-                    t[u.index + 1] = bm;
+                    t.set(u.index + 1, bm);
                 }
+            }
+            if !p.updates.is_empty() {
+                w.changed.store(true, Ordering::Release);
             }
             for &c in &p.release {
                 if let Err(e) = meta.refcounts.decrement(c) {
@@ -736,133 +759,6 @@ impl Qcow2Image {
             result = self.write_back(false);
         }
         result
-    }
-
-    /// Writes changed metadata back and makes it durable. `close` also writes the refcounts
-    /// (lazy mode) and clears the dirty bit.
-    pub(super) fn write_back(&self, close: bool) -> Result<(), BlockError> {
-        let Some(w) = &self.writable else {
-            return Ok(());
-        };
-        let _wb = w.writeback.lock().unwrap_or_else(PoisonError::into_inner);
-        let eager = !w.lazy;
-        let io = |e: std::io::Error| BlockError::Io(e);
-        // Frees made durable by this write-back (later ones wait for the next).
-        let freed = lock(&w.meta).refcounts.quarantined();
-        if eager {
-            // Refcounts first, with this round's frees not yet applied: new clusters are
-            // accounted for before anything points to them; freed ones stay referenced until
-            // nothing does.
-            let blocks = lock(&w.meta).refcounts.snapshot_blocks(&freed);
-            for (off, bytes) in blocks {
-                self.file.write_at(off, &bytes).map_err(io)?;
-            }
-            self.write_refcount_table(w)?;
-            self.file.file.sync_data().map_err(io)?;
-        }
-        // L2 tables, then the L1 entries that point to new ones.
-        for t in self.cache.dirty_tables() {
-            let bytes = t.take_bytes();
-            if let Err(e) = self.file.write_at(t.offset, &bytes) {
-                t.mark_dirty();
-                return Err(io(e));
-            }
-        }
-        let l1_dirty = std::mem::take(&mut lock(&w.meta).l1_dirty);
-        {
-            let l1 = self
-                .l1
-                .read()
-                .unwrap_or_else(PoisonError::into_inner)
-                .clone();
-            for &i in &l1_dirty {
-                self.file
-                    .write_at(
-                        self.header.l1_table_offset + 8 * i as u64,
-                        &l1[i].to_be_bytes(),
-                    )
-                    .map_err(io)?;
-            }
-        }
-        self.file.file.sync_data().map_err(io)?;
-        if let Some(d) = &self.data_file {
-            d.file.sync_data().map_err(io)?;
-        }
-        if eager || close {
-            let blocks = lock(&w.meta).refcounts.take_dirty_blocks();
-            for (off, bytes) in blocks {
-                self.file.write_at(off, &bytes).map_err(io)?;
-            }
-            self.write_refcount_table(w)?;
-            self.file.file.sync_data().map_err(io)?;
-        }
-        self.release_freed(w, freed);
-        if close {
-            // Cut the file back to its last cluster (whatever the refcounts placed last stays).
-            let end = (lock(&w.meta).refcounts.end << self.header.cluster_bits).max(w.end_bytes());
-            if lock(&w.meta).grown_to.is_some_and(|p| p > end) {
-                self.file.file.set_len(end).map_err(io)?;
-                lock(&w.meta).grown_to = Some(end);
-            }
-        }
-        if close && w.lazy && lock(&w.meta).marked_dirty {
-            self.file
-                .write_durable(OFFSET_INCOMPATIBLE, &self.header.incompatible.to_be_bytes())
-                .map_err(io)?;
-            lock(&w.meta).marked_dirty = false;
-        }
-        Ok(())
-    }
-
-    /// Releases clusters whose frees a write-back made durable, once no in-place write that
-    /// started before the frees is in flight (see [`InPlaceWrites`]); the rest stay quarantined.
-    fn release_freed(&self, w: &Writable, freed: Vec<u64>) {
-        let mut meta = lock(&w.meta);
-        if let Some((slot, earlier)) = meta.draining.take() {
-            if w.in_place.drained(slot) {
-                meta.refcounts.release(&earlier);
-            } else {
-                meta.draining = Some((slot, earlier));
-                return;
-            }
-        }
-        if freed.is_empty() {
-            return;
-        }
-        let slot = w.in_place.next_generation();
-        if w.in_place.drained(slot) {
-            meta.refcounts.release(&freed);
-        } else {
-            meta.draining = Some((slot, freed));
-        }
-    }
-
-    fn write_refcount_table(&self, w: &Writable) -> Result<(), BlockError> {
-        let (dirty, offset, clusters, bytes) = {
-            let m = lock(&w.meta);
-            (
-                m.refcounts.table_dirty,
-                m.refcounts.table_offset,
-                m.refcounts.table_clusters,
-                m.refcounts.table_bytes(),
-            )
-        };
-        if !dirty {
-            return Ok(());
-        }
-        let io = |e: std::io::Error| BlockError::Io(e);
-        self.file.write_at(offset, &bytes).map_err(io)?;
-        self.file.file.sync_data().map_err(io)?;
-        let mut fields = [0u8; 12];
-        fields[..8].copy_from_slice(&offset.to_be_bytes());
-        fields[8..].copy_from_slice(&clusters.to_be_bytes());
-        self.file.write_durable(48, &fields).map_err(io)?;
-        lock(&w.meta).refcounts.table_written();
-        info!(
-            "{}: refcount table moved to {offset:#x}",
-            self.path.display()
-        );
-        Ok(())
     }
 
     /// Discards (`zero`: makes read as zeroes) the (sub)clusters fully inside the range; partial
@@ -1007,11 +903,12 @@ impl Qcow2Image {
             } else {
                 0
             };
-            t[slot] = new_entry;
+            t.set(slot, new_entry);
             if ext {
-                t[slot + 1] = (u64::from(new_zero) << 32) | u64::from(new_alloc);
+                t.set(slot + 1, (u64::from(new_zero) << 32) | u64::from(new_alloc));
             }
             drop(t);
+            w.changed.store(true, Ordering::Release);
             if self.header.data_file_raw() {
                 // The raw data file must stay a faithful image of the disk.
                 punch.push(HostOp::Zero {

@@ -823,3 +823,119 @@ fn resubmitted_chains_run_first_in_order_and_are_not_taken_again() {
         .collect();
     assert_eq!(taken, [Logged::Taken(head_c)]);
 }
+
+/// Raw backend whose writes change "metadata": its write-through records how many chains were
+/// published when it ran, and fails if told to.
+struct ThroughBackend {
+    inner: std::sync::OnceLock<Arc<dyn BlockBackend>>,
+    mem: std::sync::OnceLock<GuestMemAtomic>,
+    fail: bool,
+    /// The heads published before each write-through.
+    calls: std::sync::Mutex<Vec<Vec<u32>>>,
+}
+
+impl ThroughBackend {
+    fn inner(&self) -> &dyn BlockBackend {
+        &**self.inner.get().unwrap()
+    }
+}
+
+impl BlockBackend for ThroughBackend {
+    fn info(&self) -> &crate::block::BackendInfo {
+        self.inner().info()
+    }
+    fn map_read(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), BlockError> {
+        self.inner().map_read(offset, len, out)
+    }
+    fn begin_write(
+        &self,
+        offset: u64,
+        len: u64,
+        waker: &Waker,
+    ) -> Result<crate::block::WritePlan, BlockError> {
+        let mut plan = self.inner().begin_write(offset, len, waker)?;
+        plan.metadata = true;
+        Ok(plan)
+    }
+    fn write_through(&self) -> Result<(), BlockError> {
+        let m = self.mem.get().unwrap().memory();
+        let n: u16 = m.read_obj(GuestAddress(USED + 2)).unwrap();
+        let heads = (0..u64::from(n))
+            .map(|i| m.read_obj(GuestAddress(USED + 4 + 8 * i)).unwrap())
+            .collect();
+        self.calls.lock().unwrap().push(heads);
+        if self.fail {
+            return Err(BlockError::Io(io::Error::from_raw_os_error(libc::EIO)));
+        }
+        Ok(())
+    }
+    fn flush(&self, out: &mut Vec<HostOp>) -> Result<(), BlockError> {
+        self.inner().flush(out)
+    }
+    fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        waker: &Waker,
+        out: &mut Vec<HostOp>,
+    ) -> Result<(), BlockError> {
+        self.inner().discard(offset, len, unmap, waker, out)
+    }
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        waker: &Waker,
+        out: &mut Vec<HostOp>,
+    ) -> Result<(), BlockError> {
+        self.inner().write_zeroes(offset, len, unmap, waker, out)
+    }
+    fn sync(&self) -> Result<(), BlockError> {
+        self.inner().sync()
+    }
+}
+
+#[test]
+fn requests_that_change_metadata_are_published_after_the_write_through_or_fail_with_it() {
+    for fail in [false, true] {
+        let backend = Arc::new(ThroughBackend {
+            inner: Default::default(),
+            mem: Default::default(),
+            fail,
+            calls: Default::default(),
+        });
+        let b = backend.clone();
+        let mut h = Harness::wrapping(false, AioMode::IoUring, false, move |raw| {
+            b.inner.set(raw).ok();
+            b
+        });
+        backend.mem.set(h.mem.clone()).ok();
+        let (w_head, write) = h.add_write(0, 0x33, 4096);
+        let hdr = h.header(VIRTIO_BLK_T_WRITE_ZEROES, 64);
+        let seg = h.segment(64, 8, 0);
+        let zeroes = h.status_buf();
+        let z_head = h.add(&[Buf::R(hdr, 16), Buf::R(seg, 16), Buf::W(zeroes, 1)]);
+        // A read changes nothing: its status does not depend on the write-through.
+        let hdr = h.header(VIRTIO_BLK_T_IN, 0);
+        let data = h.alloc(512);
+        let read = h.status_buf();
+        h.add(&[Buf::R(hdr, 16), Buf::W(data, 512), Buf::W(read, 1)]);
+        assert_eq!(h.run().len(), 3);
+        // They were published after a write-through: none before the first one.
+        let calls = backend.calls.lock().unwrap().clone();
+        let changed = [u32::from(w_head), u32::from(z_head)];
+        assert!(
+            !calls.is_empty() && !calls[0].iter().any(|h| changed.contains(h)),
+            "{calls:?}"
+        );
+        let want = if fail { IOERR } else { OK };
+        assert_eq!(
+            (h.byte(write), h.byte(zeroes)),
+            (want, want),
+            "fail: {fail}"
+        );
+        assert_eq!(h.byte(read), OK);
+    }
+}

@@ -120,3 +120,101 @@ fn frees_wait_for_writes_across_generations() {
     commit(&*b, t);
     assert_eq!(h, w);
 }
+
+/// The image as a second, read-only opener (a restarted daemon) finds it in the file.
+fn reopened(dir: &tempfile::TempDir) -> Arc<dyn BlockBackend> {
+    block::open(&OpenOptions {
+        path: dir.path().join("disk.qcow2"),
+        format: Some(block::ImageFormat::Qcow2),
+        read_only: true,
+        cache: CacheMode::Writeback,
+        l2_cache_size: None,
+        lazy_refcounts: LazyRefcounts::Auto,
+        locking: Locking::Off,
+    })
+    .unwrap()
+}
+
+fn mapped_to(b: &dyn BlockBackend, offset: u64) -> Target {
+    let mut ext = Vec::new();
+    b.map_read(offset, 4096, &mut ext).unwrap();
+    ext[0].target
+}
+
+/// A committed allocation and a discard reach the file at the write-through that follows them,
+/// not before and without a flush; with eager refcounts the file counts every cluster it
+/// references by then (a crash leaks at most).
+#[test]
+fn write_through_puts_committed_metadata_in_the_file() {
+    for lazy in [LazyRefcounts::On, LazyRefcounts::Off] {
+        let dir = tempfile::tempdir().unwrap();
+        let b = image(&dir, lazy);
+        let waker: Waker = Arc::new(NoWake);
+        let (x, t) = begin(&*b, &waker, 0, CLUSTER);
+        commit(&*b, t);
+        assert_eq!(mapped_to(&*reopened(&dir), 0), Target::Zero, "{lazy:?}");
+        b.write_through().unwrap();
+        let Target::Data { offset, .. } = mapped_to(&*reopened(&dir), 0) else {
+            panic!("{lazy:?}: not in the file after the write-through");
+        };
+        assert_eq!(offset, x);
+        // Nothing changed: nothing to do.
+        b.write_through().unwrap();
+        let (y, t) = begin(&*b, &waker, 32 << 20, 4096);
+        commit(&*b, t);
+        let mut ops = Vec::new();
+        b.discard(0, CLUSTER, true, &waker, &mut ops).unwrap();
+        b.write_through().unwrap();
+        let again = reopened(&dir);
+        assert_eq!(mapped_to(&*again, 0), Target::Zero, "{lazy:?}: discard");
+        assert!(
+            matches!(mapped_to(&*again, 32 << 20), Target::Data { offset, .. } if offset == y),
+            "{lazy:?}"
+        );
+        if lazy == LazyRefcounts::Off {
+            // What the file says is consistent as it is: no cluster referenced and uncounted.
+            let file = crate::block::file::ImageFile::open(
+                &dir.path().join("disk.qcow2"),
+                true,
+                CacheMode::Writeback,
+            )
+            .unwrap();
+            let head = file.read_at(0, 4096).unwrap();
+            let h = crate::block::qcow2::header::Header::parse(&head, file.size).unwrap();
+            let res = crate::block::qcow2::check::check(
+                &file,
+                &h,
+                crate::block::qcow2::check::Repair::None,
+            );
+            assert_eq!(res.corruptions, 0, "{:?}", res.messages);
+        }
+    }
+}
+
+/// Eager refcounts: after every write-through the file counts every cluster it references,
+/// and clusters ahead of allocation (the reserve; leaks if the daemon died now); a clean close
+/// leaves exact refcounts.
+#[test]
+fn eager_refcounts_count_a_reserve_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = image(&dir, LazyRefcounts::Off);
+    let waker: Waker = Arc::new(NoWake);
+    let path = dir.path().join("disk.qcow2");
+    let check = || {
+        let file = crate::block::file::ImageFile::open(&path, true, CacheMode::Writeback).unwrap();
+        let head = file.read_at(0, 4096).unwrap();
+        let h = crate::block::qcow2::header::Header::parse(&head, file.size).unwrap();
+        crate::block::qcow2::check::check(&file, &h, crate::block::qcow2::check::Repair::None)
+    };
+    for i in 0..40 {
+        let (_, t) = begin(&*b, &waker, i * CLUSTER, 4096);
+        commit(&*b, t);
+        b.write_through().unwrap();
+        let res = check();
+        assert_eq!(res.corruptions, 0, "write {i}: {:?}", res.messages);
+        assert!(res.leaks > 0, "write {i}: no reserve counted");
+    }
+    b.sync().unwrap();
+    let res = check();
+    assert_eq!((res.corruptions, res.leaks), (0, 0), "{:?}", res.messages);
+}
