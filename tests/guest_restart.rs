@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use common::guest::{tail, GuestKit, Qemu, QemuConfig};
 use common::{Daemon, Rng};
 
-/// Writers in the guest; writer `w` owns the region's blocks `k * WRITERS + w`.
+/// Writers in the guest; writer `w` owns the runs of 8 blocks `j * WRITERS + w` of the region.
 const WRITERS: u32 = 4;
 /// Blocks (4 KiB) each writer owns.
 const BLOCKS_PER_WRITER: u32 = 256;
@@ -48,6 +48,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 W=@W@
 K=@K@
+RUN=8
 BASE=@BASE@
 HANG=@HANG@
 NB=$((W * K))
@@ -66,38 +67,54 @@ mkdir -p /tmp/st /tmp/run
 # (block, writer, sequence, a checksum of them) and a newline, 64 times. Builtins only.
 PAD="................................................................"
 rec() {
-    l="vub b=$1 w=$(($1 % W)) n=$2 c=$((($1 * 2654435761 + $2 * 40503 + 977) % 1000000007)) $PAD"
+    l="vub b=$1 w=$((($1 / RUN) % W)) n=$2 c=$((($1 * 2654435761 + $2 * 40503 + 977) % 1000000007)) $PAD"
     R="${l:0:63}
 "
     R="$R$R"; R="$R$R"; R="$R$R"; R="$R$R"; R="$R$R"; R="$R$R"
 }
 
-# Writes random blocks of its own with O_DIRECT, remembering each completed write in
-# /tmp/st/BLOCK, and reads a random block of its own back after each write.
+# RR = the records run $1 (RUN blocks from block $1) should hold, with zeroes left out as the
+# shell leaves NUL bytes out of a command's output.
+run_want() {
+    RR=""
+    i=0
+    while [ $i -lt $RUN ]; do
+        if [ -e /tmp/st/$(($1 + i)) ]; then read m < /tmp/st/$(($1 + i)); rec $(($1 + i)) $m; RR="$RR$R"; fi
+        i=$((i + 1))
+    done
+}
+
+# Writer $1 owns the runs of RUN blocks j * W + $1 (so all writers share every qcow2 cluster).
+# It writes a random run of its own with O_DIRECT (one 4 KiB request a block), remembers each
+# completed write in /tmp/st/BLOCK, and reads a random run of its own back.
 writer() {
     w=$1
     n=0
     while [ ! -e /tmp/run/stop ]; do
         n=$((n + 1))
-        b=$(((RANDOM % K) * W + w))
-        rec $b $n
-        if ! printf '%s' "$R" | dd of=/dev/vda bs=4096 seek=$((BASE + b)) count=1 \
+        b=$((((RANDOM % (K / RUN)) * W + w) * RUN))
+        RR=""
+        i=0
+        while [ $i -lt $RUN ]; do rec $((b + i)) $n; RR="$RR$R"; i=$((i + 1)); done
+        if ! printf '%s' "$RR" | dd of=/dev/vda bs=4096 seek=$((BASE + b)) count=$RUN \
             oflag=direct conv=notrunc iflag=fullblock 2>/tmp/run/dd.w$w; then
-            echo "GUEST-ERROR writer $w: writing block $b failed: $(cat /tmp/run/dd.w$w)"
+            echo "GUEST-ERROR writer $w: writing blocks $b+$RUN failed: $(cat /tmp/run/dd.w$w)"
             : > /tmp/run/failed
             break
         fi
-        echo $n > /tmp/st/$b
-        b=$(((RANDOM % K) * W + w))
-        if ! got=$(dd if=/dev/vda bs=4096 skip=$((BASE + b)) count=1 iflag=direct 2>/tmp/run/dd.w$w); then
-            echo "GUEST-ERROR writer $w: reading block $b failed: $(cat /tmp/run/dd.w$w)"
+        i=0
+        while [ $i -lt $RUN ]; do echo $n > /tmp/st/$((b + i)); i=$((i + 1)); done
+        b=$((((RANDOM % (K / RUN)) * W + w) * RUN))
+        if ! got=$(dd if=/dev/vda bs=4096 skip=$((BASE + b)) count=$RUN iflag=direct 2>/tmp/run/dd.w$w); then
+            echo "GUEST-ERROR writer $w: reading blocks $b+$RUN failed: $(cat /tmp/run/dd.w$w)"
             : > /tmp/run/failed
             break
         fi
-        want=""
-        if [ -e /tmp/st/$b ]; then read m < /tmp/st/$b; rec $b $m; want="${R%?}"; fi
-        if [ "$got" != "$want" ]; then
-            echo "GUEST-ERROR writer $w: block $b holds [${got:0:63}], not [${want:0:63}]"
+        run_want $b
+        if [ "$got" != "${RR%?}" ]; then
+            i=0
+            while [ "${got:$((i * 64)):64}" = "${RR:$((i * 64)):64}" ]; do i=$((i + 1)); done
+            echo "GUEST-ERROR writer $w: blocks $b+$RUN hold [${got:$((i * 64)):63}] where [${RR:$((i * 64)):63}] belongs"
             : > /tmp/run/failed
             break
         fi
@@ -214,7 +231,7 @@ writes=0
 for w in $(seq 0 $((W - 1))); do [ -e /tmp/run/cnt.w$w ] && read c < /tmp/run/cnt.w$w && writes=$((writes + c)); done
 flushes=0
 for f in 0 1; do [ -e /tmp/run/cnt.f$f ] && read c < /tmp/run/cnt.f$f && flushes=$((flushes + c)); done
-echo "GUEST-VERIFY $writes writes, $flushes flushes"
+echo "GUEST-VERIFY $((writes * RUN)) writes, $flushes flushes"
 
 # What the region should hold: each block's last completed record, zeroes where none.
 Z='\0'
