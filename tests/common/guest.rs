@@ -3,8 +3,10 @@
 //! as /init.
 
 use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, ExitStatus};
+use std::time::{Duration, Instant};
 
 /// Host pieces the guest needs.
 pub struct GuestKit {
@@ -150,6 +152,134 @@ impl GuestKit {
         cpio.file("init", script.as_bytes(), 0o755);
         std::fs::write(out, cpio.finish()).unwrap();
     }
+}
+
+/// A QEMU (TCG) guest with shared memfd memory, booting `kernel` and `initrd` with a
+/// vhost-user-blk-pci device of `queues` queues on `socket` (QEMU reconnects every second when
+/// the back-end goes away), its serial console (ttyS0) written to `console` and ttyS1 on a
+/// Unix socket server at `control` (the host's way to talk to the guest). In its own process
+/// group, killed with everything in it when dropped.
+pub struct Qemu {
+    pub child: Child,
+    pub console: PathBuf,
+}
+
+/// What a [`Qemu`] boots.
+pub struct QemuConfig<'a> {
+    pub kernel: &'a Path,
+    pub initrd: &'a Path,
+    pub socket: &'a Path,
+    pub queues: u32,
+    pub cpus: u32,
+    pub memory: &'a str,
+    pub console: &'a Path,
+    pub control: &'a Path,
+}
+
+impl Qemu {
+    pub fn spawn(c: &QemuConfig) -> Qemu {
+        let mem = format!("memory-backend-memfd,id=mem,size={},share=on", c.memory);
+        let child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-m", c.memory, "-object", &mem])
+            .args(["-numa", "node,memdev=mem"])
+            .arg("-smp")
+            .arg(c.cpus.to_string())
+            .args(["-nodefaults", "-no-reboot", "-display", "none"])
+            .args(["-monitor", "none"])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=vub,path={},reconnect=1",
+                c.socket.display()
+            ))
+            .arg("-device")
+            .arg(format!(
+                "vhost-user-blk-pci,chardev=vub,num-queues={}",
+                c.queues
+            ))
+            .arg("-kernel")
+            .arg(c.kernel)
+            .arg("-initrd")
+            .arg(c.initrd)
+            .args(["-append", "console=ttyS0 panic=-1 loglevel=4"])
+            .arg("-serial")
+            .arg(format!("file:{}", c.console.display()))
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=ctl,path={},server=on,wait=off",
+                c.control.display()
+            ))
+            .args(["-serial", "chardev:ctl"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(c.console.with_extension("qemu.log")).unwrap())
+            .process_group(0)
+            .spawn()
+            .expect("qemu-system-x86_64");
+        Qemu {
+            child,
+            console: c.console.to_owned(),
+        }
+    }
+
+    /// The console so far.
+    pub fn console(&self) -> String {
+        let bytes = std::fs::read(&self.console).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// QEMU's own messages (stderr).
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.console.with_extension("qemu.log")).unwrap_or_default()
+    }
+
+    /// The exit status, if QEMU has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// Waits (polling the console) until `f` finds something in it; `Err` with the reason when
+    /// QEMU exits first or `t` passes.
+    pub fn wait_console<T>(
+        &mut self,
+        t: Duration,
+        mut f: impl FnMut(&str) -> Option<T>,
+    ) -> Result<T, String> {
+        let deadline = Instant::now() + t;
+        loop {
+            if let Some(v) = f(&self.console()) {
+                return Ok(v);
+            }
+            if let Some(status) = self.exited() {
+                // The last words may have landed between the two looks.
+                return f(&self.console()).ok_or(format!("QEMU exited ({status})"));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("nothing after {t:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits at most `t` for QEMU to exit.
+    pub fn wait(&mut self, t: Duration) -> Option<ExitStatus> {
+        super::wait_timeout(&mut self.child, t)
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        // Once reaped, the group id may belong to someone else.
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: signalling the process group of our own, unreaped child.
+            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn decompress(tool: &str, data: &[u8]) -> Vec<u8> {

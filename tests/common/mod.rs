@@ -67,37 +67,59 @@ impl Daemon {
     /// Starts the daemon on `image` with extra arguments, listening in `dir`; waits for the socket.
     pub fn start(dir: &Path, image: &Path, extra: &[&str]) -> Daemon {
         let socket = dir.join(format!("vub-{}.sock", std::process::id()));
-        let log = dir.join("daemon.log");
+        Daemon::spawn(&socket, &dir.join("daemon.log"), image, extra)
+    }
+
+    /// Starts the daemon on `image` listening on `socket` (replacing what a killed daemon left
+    /// there), logging at debug level to `log`; waits for the socket.
+    pub fn spawn(socket: &Path, log: &Path, image: &Path, extra: &[&str]) -> Daemon {
+        Daemon::try_spawn(socket, log, image, extra).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `spawn`, with `Err` (and the log) when the daemon exits before it listens.
+    pub fn try_spawn(
+        socket: &Path,
+        log: &Path,
+        image: &Path,
+        extra: &[&str],
+    ) -> Result<Daemon, String> {
         // A daemon killed before may have left its socket behind.
-        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(socket);
         let child = Command::new(BIN)
             .arg("--socket-path")
-            .arg(&socket)
+            .arg(socket)
             .arg("--blk-file")
             .arg(image)
             .args(extra)
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
+            .stderr(File::create(log).unwrap())
             .spawn()
             .unwrap();
-        let mut d = Daemon { child, socket, log };
-        d.wait_for_socket();
-        d
+        let mut d = Daemon {
+            child,
+            socket: socket.to_owned(),
+            log: log.to_owned(),
+        };
+        d.wait_for_socket()?;
+        Ok(d)
     }
 
-    fn wait_for_socket(&mut self) {
+    fn wait_for_socket(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.socket.exists() {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("daemon exited early ({status}): {}", self.log_text());
+                return Err(format!(
+                    "daemon exited early ({status}): {}",
+                    self.log_text()
+                ));
             }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not create its socket"
-            );
+            if Instant::now() > deadline {
+                return Err("daemon did not create its socket".into());
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
+        Ok(())
     }
 
     pub fn log_text(&self) -> String {
@@ -119,6 +141,30 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Like `wait_for_log`, with a deadline of `t`; `None` when it passed (or the daemon exited
+    /// without logging `needle`).
+    pub fn wait_for_log_within(&mut self, needle: &str, t: Duration) -> Option<String> {
+        let deadline = Instant::now() + t;
+        loop {
+            let log = self.log_text();
+            if log.contains(needle) {
+                return Some(log);
+            }
+            if Instant::now() > deadline || self.child.try_wait().unwrap().is_some() {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill(mut self) -> ExitStatus {
+        let _ = self.child.kill();
+        let status = self.child.wait().unwrap();
+        std::mem::forget(self);
+        status
     }
 
     pub fn path(&self) -> &str {
@@ -158,6 +204,52 @@ pub fn wait_timeout(child: &mut Child, t: Duration) -> Option<ExitStatus> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Waits at most `t` until no process holds a lock on `path` (as /proc/locks lists them);
+/// returns how long that took, `None` when `t` passed. A SIGKILLed daemon's image locks outlive
+/// it for a moment: the open file stays referenced until its io_uring requests have finished.
+pub fn wait_unlocked(path: &Path, t: Duration) -> Option<Duration> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).unwrap();
+    let id = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(meta.dev()),
+        libc::minor(meta.dev()),
+        meta.ino()
+    );
+    let start = Instant::now();
+    loop {
+        let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+        if !locks
+            .lines()
+            .any(|l| l.split_whitespace().nth(5) == Some(&id))
+        {
+            return Some(start.elapsed());
+        }
+        if start.elapsed() > t {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Whether one of `pid`'s io_uring workers (`iou-wrk-*` threads, which run the requests io_uring
+/// cannot complete inline, such as fdatasync) is blocked (state D): a FLUSH, or a write waiting
+/// for the disk, is in flight.
+pub fn io_worker_blocked(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(|t| t.ok()).any(|t| {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        match (stat.find('('), stat.rfind(')')) {
+            (Some(a), Some(b)) if a < b => {
+                stat[a + 1..b].starts_with("iou-wrk") && stat[b + 1..].trim_start().starts_with('D')
+            }
+            _ => false,
+        }
+    })
 }
 
 /// A connected vhost-user-blk front-end with one shared I/O buffer.
