@@ -6,30 +6,24 @@
 //! completed; then the status byte is written and the chain returned to the used ring.
 
 use std::io;
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Instant;
 
 use log::{debug, info};
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{
-    Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
-use super::guest::{self, IovCursor};
-use super::request::{self, ParseError, Request, RequestType};
+use super::request::{self, ParseError, Request};
 use super::status::{RequestError, STATUS_OK};
-use super::{DeviceSettings, DiscardMode, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
-use crate::block::{
-    self, probe, BlockBackend, BlockError, Extent, ExtraData, ExtraWrite, HostOp, Scratch, Target,
-    Wake, Waker,
-};
+use super::DeviceSettings;
+use crate::block::{BlockBackend, BlockError, Extent, HostOp, Scratch, Wake, Waker};
 use crate::guest_warn;
 use crate::io::mapped::MappedFiles;
-use crate::io::{sys, Completion, Engine, IoOp, OpKind, Transfer, MAX_IOVECS};
-use crate::util::aligned::{zero_block, AlignedBuf, ZERO_BLOCK_LEN};
+use crate::io::{Completion, Engine, IoOp, OpKind};
+use crate::util::aligned::AlignedBuf;
+use plan::{zero_ops, Deferred, Plan};
+use rings::{avail_pending, first_part, RingPlace};
 
 /// Guest memory as vhost-user-backend maps it.
 pub type GuestMem = GuestMemoryMmap<()>;
@@ -57,12 +51,6 @@ pub const MAX_REQUEST_BYTES: u64 = 256 << 20;
 /// Host operations a queue keeps in flight before it stops taking new requests (each holds an
 /// iovec list; a request on a fragmented image can need one per cluster).
 const MAX_OPS_IN_FLIGHT: usize = 1 << 16;
-
-/// Page-cache reads from this size on are split in two, one half copied by io_uring's workers.
-const OFFLOAD_MIN: u64 = 512 << 10;
-
-/// Size of the O_DIRECT bounce buffer used for misaligned guest buffers.
-const BOUNCE_LEN: usize = 1 << 20;
 
 /// `fallocate` modes, remembered in the op tag so a failure knows what was tried.
 const ATTEMPT_PUNCH: u64 = 1;
@@ -133,29 +121,6 @@ struct InFlight {
     deferred: Vec<Deferred>,
 }
 
-/// A copy-on-write that waits for the reads filling its buffer.
-struct Deferred {
-    write: Option<IoOp>,
-    reads_left: usize,
-}
-
-/// What executing a request produced before any host I/O.
-#[derive(Default)]
-struct Plan {
-    ops: Vec<IoOp>,
-    host_ops: Vec<HostOp>,
-    used_len: u32,
-    ticket: Option<u64>,
-    /// See [`InFlight::metadata`].
-    metadata: bool,
-    buffers: Vec<AlignedBuf>,
-    /// Reads for the deferred write at the index they carry.
-    fill_reads: Vec<(usize, IoOp)>,
-    /// Reads to run beside the queue's thread (see [`Engine::push_offloaded`]).
-    offloaded: Vec<IoOp>,
-    deferred: Vec<Deferred>,
-}
-
 /// The state of one virtqueue.
 pub struct QueueWorker {
     index: u16,
@@ -197,101 +162,6 @@ pub struct QueueWorker {
     inflight: Option<Box<dyn InflightLog>>,
     /// Heads taken before a restart, to run again before any new chain, in order.
     resubmit: std::collections::VecDeque<u16>,
-}
-
-/// How many chains of a burst of `pending` to complete and publish before taking the rest.
-///
-/// A driver that waits for its completions (sleeping on the call eventfd) refills the ring only
-/// after it is woken, which takes longer than a request: publishing the first part of a large
-/// burst early lets it refill while the queue works through the rest, instead of both sides
-/// taking turns. Small bursts are taken whole, and so is the rest of a cut burst: every
-/// notification costs a wake-up.
-fn first_part(pending: u16) -> u16 {
-    if pending > BURST_MIN {
-        (pending / 3).max(BURST_MIN)
-    } else {
-        pending
-    }
-}
-
-/// Where a queue's rings were last found to lie inside guest memory, so that polling the avail
-/// index does not redo the range checks and vm-memory's region lookup at every look.
-struct RingPlace {
-    /// The memory map the check was made against (compared by address; the weak reference keeps
-    /// the address from being reused by a later map).
-    mem: Weak<GuestMem>,
-    /// Descriptor table, avail ring and used ring addresses, and the queue size.
-    rings: (u64, u64, u64, u16),
-    /// The avail ring's `idx` field in host memory, mapped while `mem` is.
-    avail_idx: *const AtomicU16,
-}
-
-/// Chains the driver has made available on a queue, or why its avail ring cannot be used.
-///
-/// virtio-queue would log an error for a bad ring at every pop (and a spinning poller would call
-/// it in a loop); checking first keeps a broken ring a quiet, stopped queue.
-fn avail_pending(
-    place: &mut Option<RingPlace>,
-    vring: &Vring,
-    mem: &Arc<GuestMem>,
-) -> Result<u16, &'static str> {
-    let state = vring.get_ref();
-    let q = state.get_queue();
-    if !q.ready() {
-        return Ok(0);
-    }
-    let rings = (q.desc_table(), q.avail_ring(), q.used_ring(), q.size());
-    let known = place
-        .as_ref()
-        .filter(|p| p.rings == rings && std::ptr::eq(p.mem.as_ptr(), Arc::as_ptr(mem)));
-    let avail_idx = match known {
-        Some(p) => p.avail_idx,
-        None => {
-            *place = None;
-            let p = locate_rings(mem, rings)?;
-            let at = p.avail_idx;
-            *place = Some(p);
-            at
-        }
-    };
-    // SAFETY: `locate_rings` found these two aligned bytes inside one region of `mem`, which the
-    // caller's `Arc` keeps mapped; the driver writes them concurrently, hence the atomic load.
-    let avail = u16::from_le(unsafe { (*avail_idx).load(Ordering::Acquire) });
-    let pending = avail.wrapping_sub(q.next_avail());
-    if pending > q.size() {
-        return Err("avail index more than a queue size ahead of the device");
-    }
-    Ok(pending)
-}
-
-/// Checks that a queue's rings lie inside guest memory and finds its avail index.
-fn locate_rings(
-    mem: &Arc<GuestMem>,
-    (desc, avail, used, size): (u64, u64, u64, u16),
-) -> Result<RingPlace, &'static str> {
-    let n = u64::from(size);
-    let fits = |addr: u64, len: u64| {
-        GuestMemoryBackend::check_range(&**mem, GuestAddress(addr), len as usize)
-    };
-    if !fits(desc, 16 * n) || !fits(avail, 6 + 2 * n) {
-        return Err("descriptor table or avail ring outside guest memory");
-    }
-    if !fits(used, 6 + 8 * n) {
-        return Err("used ring outside guest memory");
-    }
-    let idx = avail
-        .checked_add(2)
-        .and_then(|a| GuestMemoryBackend::get_slice(&**mem, GuestAddress(a), 2).ok())
-        .ok_or("avail ring outside guest memory")?;
-    let ptr = idx.ptr_guard().as_ptr();
-    if ptr as usize % std::mem::align_of::<AtomicU16>() != 0 {
-        return Err("avail ring misaligned");
-    }
-    Ok(RingPlace {
-        mem: Arc::downgrade(mem),
-        rings: (desc, avail, used, size),
-        avail_idx: ptr.cast(),
-    })
 }
 
 impl QueueWorker {
@@ -915,391 +785,6 @@ impl QueueWorker {
         }
         self.through.clear();
     }
-
-    /// Validates a request and turns it into host operations.
-    fn plan(&mut self, req: &Request, mem: &GuestMem) -> Result<Plan, RequestError> {
-        let mut plan = Plan {
-            used_len: 1,
-            ..Default::default()
-        };
-        match req.kind {
-            RequestType::In | RequestType::Out => self.plan_rw(req, mem, &mut plan)?,
-            RequestType::Flush => self.backend.flush(&mut plan.host_ops)?,
-            RequestType::GetId => {
-                let n = guest::write_bytes(mem, &req.data, &self.settings.serial)?;
-                plan.used_len = n as u32 + 1;
-            }
-            RequestType::Discard | RequestType::WriteZeroes => {
-                plan.metadata = true;
-                self.plan_discard(req, mem, &mut plan.host_ops)?
-            }
-            RequestType::Unsupported(t) => return Err(RequestError::UnsupportedType(t)),
-        }
-        Ok(plan)
-    }
-
-    /// Byte range of a request, checked for overflow and logical-block alignment.
-    fn byte_range(&self, sector: u64, len: u64) -> Result<u64, RequestError> {
-        let offset = sector
-            .checked_mul(SECTOR_SIZE)
-            .ok_or(RequestError::Overflow(sector))?;
-        let lbs = u64::from(self.settings.logical_block_size);
-        if offset % lbs != 0 || len % lbs != 0 {
-            return Err(RequestError::Misaligned { offset, len });
-        }
-        Ok(offset)
-    }
-
-    fn plan_rw(
-        &mut self,
-        req: &Request,
-        mem: &GuestMem,
-        plan: &mut Plan,
-    ) -> Result<(), RequestError> {
-        let write = req.kind == RequestType::Out;
-        let len = guest::total(&req.data);
-        if len > MAX_REQUEST_BYTES {
-            return Err(RequestError::TooLarge(len));
-        }
-        let offset = self.byte_range(req.sector, len)?;
-        if write && self.settings.read_only {
-            return Err(BlockError::ReadOnly.into());
-        }
-        block::check_range(offset, len, self.backend.info().size)?;
-        if !write {
-            plan.used_len = u32::try_from(len + 1).unwrap_or(u32::MAX);
-        }
-        if len == 0 {
-            return Ok(());
-        }
-        if write && offset == 0 && self.backend.info().probed_raw {
-            let mut head = [0u8; 512];
-            let n = (len as usize).min(head.len());
-            guest::read_bytes(mem, &req.data, &mut head[..n])?;
-            if let Some(format) = probe::header_signature(&head[..n]) {
-                return Err(RequestError::ProtectedHeader(format));
-            }
-        }
-        self.iov.clear();
-        let max_iov = self.settings.max_descriptors() * 4;
-        guest::host_iovecs(mem, &req.data, max_iov, &mut self.iov)?;
-        let align = self.backend.info().mem_align;
-        let bounce = align > 1
-            && self
-                .iov
-                .iter()
-                .any(|v| v.iov_base as usize % align != 0 || v.iov_len % align != 0);
-        self.extents.clear();
-        let mut extra = Vec::new();
-        if write {
-            let wp = self.backend.begin_write(offset, len, &self.waker)?;
-            self.extents = wp.extents;
-            plan.ticket = wp.ticket;
-            plan.metadata = wp.metadata;
-            extra = wp.extra;
-        } else {
-            self.backend.map_read(offset, len, &mut self.extents)?;
-        }
-        let mut cursor = IovCursor::new(&self.iov);
-        let mut pieces = Vec::new();
-        for ext in &self.extents {
-            match ext.target {
-                Target::Data { fd, offset } if bounce => {
-                    // Guest buffers misaligned for O_DIRECT: through an aligned buffer,
-                    // synchronously, in bounded chunks.
-                    let buf = self
-                        .bounce
-                        .get_or_insert_with(|| AlignedBuf::new(BOUNCE_LEN, align.max(4096)));
-                    let mut done = 0;
-                    while done < ext.len {
-                        let n = (ext.len - done).min(BOUNCE_LEN as u64);
-                        pieces.clear();
-                        cursor.take(n, usize::MAX, &mut pieces);
-                        if write {
-                            // SAFETY: the pieces are guest buffers of this request, mapped while
-                            // `mem` lives.
-                            unsafe { copy_iov(&pieces, buf.as_mut_slice(), true) };
-                        }
-                        let mut op = IoOp {
-                            fd,
-                            offset: offset + done,
-                            kind: if write { OpKind::Write } else { OpKind::Read },
-                            iov: vec![libc::iovec {
-                                iov_base: buf.as_mut_ptr().cast(),
-                                iov_len: n as usize,
-                            }],
-                            tag: 0,
-                        };
-                        let res = sys::execute(&mut op);
-                        if res < 0 {
-                            if let Some(t) = plan.ticket.take() {
-                                let _ = self.backend.commit_write(t, false);
-                            }
-                            return Err(RequestError::Host(io::Error::from_raw_os_error(-res)));
-                        }
-                        if !write {
-                            // SAFETY: as above; IN buffers are writable descriptors.
-                            unsafe { copy_iov(&pieces, buf.as_mut_slice(), false) };
-                        }
-                        done += n;
-                    }
-                }
-                Target::Data { fd, offset } => {
-                    // A large read from the page cache is a memory copy: the second half runs
-                    // beside this thread, on another core.
-                    let half = if !write && align <= 1 && ext.len >= OFFLOAD_MIN {
-                        (ext.len / 2).next_multiple_of(4096)
-                    } else {
-                        ext.len
-                    };
-                    let mut done = 0;
-                    while done < ext.len {
-                        let mut iov = Vec::new();
-                        let part_end = if done < half { half } else { ext.len };
-                        let n = cursor.take(part_end - done, MAX_IOVECS, &mut iov);
-                        if n == 0 {
-                            break;
-                        }
-                        let op = IoOp {
-                            fd,
-                            offset: offset + done,
-                            kind: if write { OpKind::Write } else { OpKind::Read },
-                            iov,
-                            tag: 0,
-                        };
-                        let first_half = done < half;
-                        done += n;
-                        if first_half {
-                            // A read not split for io_uring's workers: copied from a mapping of the
-                            // file if it is cached.
-                            let copied = !write
-                                && half == ext.len
-                                && self.mapped.as_mut().is_some_and(|m| {
-                                    // SAFETY: IN buffers are writable guest memory, mapped while
-                                    // `mem` lives; no reference covers guest memory.
-                                    unsafe { m.read(fd, op.offset, &op.iov) }
-                                });
-                            if !copied {
-                                plan.ops.push(op);
-                            }
-                        } else {
-                            plan.offloaded.push(op);
-                        }
-                    }
-                }
-                Target::Zero => {
-                    pieces.clear();
-                    cursor.take(ext.len, usize::MAX, &mut pieces);
-                    if !write {
-                        // SAFETY: IN buffers are writable descriptors inside guest memory that
-                        // `mem` keeps mapped.
-                        unsafe { Transfer::zero(&pieces) };
-                    }
-                }
-                Target::Compressed {
-                    image,
-                    descriptor,
-                    skip,
-                } => {
-                    self.backend
-                        .read_compressed(image, descriptor, &mut self.scratch)?;
-                    let cluster = &mut self.scratch.output;
-                    let end = skip
-                        .checked_add(ext.len)
-                        .filter(|&e| e <= cluster.len() as u64)
-                        .ok_or(BlockError::Corrupt("compressed extent outside its cluster"))?;
-                    pieces.clear();
-                    cursor.take(ext.len, usize::MAX, &mut pieces);
-                    if !write {
-                        // SAFETY: IN buffers are writable guest memory mapped while `mem` lives.
-                        unsafe {
-                            copy_iov(&pieces, &mut cluster[skip as usize..end as usize], false)
-                        };
-                    }
-                }
-            }
-        }
-        add_extra_writes(plan, extra);
-        Ok(())
-    }
-
-    fn plan_discard(
-        &mut self,
-        req: &Request,
-        mem: &GuestMem,
-        out: &mut Vec<HostOp>,
-    ) -> Result<(), RequestError> {
-        if self.settings.read_only {
-            return Err(BlockError::ReadOnly.into());
-        }
-        let discard = req.kind == RequestType::Discard;
-        let segments = request::discard_segments(mem, &req.data, MAX_DISCARD_SEGMENTS as usize)?;
-        let mut ranges = Vec::with_capacity(segments.len());
-        // Validate every segment before planning any, so a bad one changes nothing.
-        for s in &segments {
-            let unmap = s.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
-            if s.flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 || (discard && unmap) {
-                return Err(RequestError::UnsupportedFlags(s.flags));
-            }
-            if s.num_sectors > MAX_DISCARD_SECTORS {
-                return Err(RequestError::SegmentTooLarge(s.num_sectors));
-            }
-            let len = u64::from(s.num_sectors) * SECTOR_SIZE;
-            let offset = self.byte_range(s.sector, len)?;
-            block::check_range(offset, len, self.backend.info().size)?;
-            ranges.push((offset, len, unmap));
-        }
-        let unmap_allowed = self.settings.discard == DiscardMode::Unmap;
-        for (offset, len, unmap) in ranges {
-            if len == 0 {
-                continue;
-            }
-            if discard {
-                if unmap_allowed {
-                    self.backend.discard(offset, len, true, &self.waker, out)?;
-                }
-            } else {
-                self.backend
-                    .write_zeroes(offset, len, unmap && unmap_allowed, &self.waker, out)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Adds a write's copy-on-write and zero pieces to its plan. A piece that borders a guest data
-/// write joins it (one host write per cluster, as QEMU does); a write whose buffers still need
-/// reading waits for those reads.
-fn add_extra_writes(plan: &mut Plan, extra: Vec<ExtraWrite>) {
-    let mut reads_of: Vec<Vec<IoOp>> = plan.ops.iter().map(|_| Vec::new()).collect();
-    for x in extra {
-        let (mut buf, reads) = match x.data {
-            ExtraData::Zero(n) => {
-                for op in zero_ops(x.fd, x.offset, n) {
-                    plan.ops.push(op);
-                    reads_of.push(Vec::new());
-                }
-                continue;
-            }
-            ExtraData::Bytes { buf, reads } => (buf, reads),
-        };
-        let base = buf.as_mut_ptr();
-        let len = buf.len();
-        // An internal invariant of the backends; a read outside the buffer would corrupt memory.
-        assert!(
-            reads
-                .iter()
-                .all(|r| r.at.checked_add(r.len).is_some_and(|e| e <= len)),
-            "copy-on-write read outside its buffer"
-        );
-        let read_ops = reads.iter().map(|r| IoOp {
-            fd: r.fd,
-            offset: r.offset,
-            kind: OpKind::Read,
-            iov: vec![libc::iovec {
-                iov_base: base.wrapping_add(r.at).cast(),
-                iov_len: r.len,
-            }],
-            tag: 0,
-        });
-        let iov = libc::iovec {
-            iov_base: base.cast(),
-            iov_len: len,
-        };
-        let (start, end) = (x.offset, x.offset + len as u64);
-        let neighbour = plan.ops.iter().position(|op| {
-            op.kind == OpKind::Write
-                && op.fd == x.fd
-                && op.iov.len() < MAX_IOVECS
-                && (end == op.offset || op.offset + Transfer::len(&op.iov) == start)
-        });
-        match neighbour {
-            Some(j) => {
-                let op = &mut plan.ops[j];
-                if end == op.offset {
-                    op.iov.insert(0, iov);
-                    op.offset = start;
-                } else {
-                    op.iov.push(iov);
-                }
-                reads_of[j].extend(read_ops);
-            }
-            None => {
-                plan.ops.push(IoOp {
-                    fd: x.fd,
-                    offset: start,
-                    kind: OpKind::Write,
-                    iov: vec![iov],
-                    tag: 0,
-                });
-                reads_of.push(read_ops.collect());
-            }
-        }
-        plan.buffers.push(buf);
-    }
-    if reads_of.iter().all(Vec::is_empty) {
-        return;
-    }
-    for (op, reads) in std::mem::take(&mut plan.ops).into_iter().zip(reads_of) {
-        if reads.is_empty() {
-            plan.ops.push(op);
-            continue;
-        }
-        let k = plan.deferred.len();
-        plan.deferred.push(Deferred {
-            write: Some(op),
-            reads_left: reads.len(),
-        });
-        plan.fill_reads.extend(reads.into_iter().map(|r| (k, r)));
-    }
-}
-
-/// Write operations that put `len` zero bytes at `offset`, from the shared zero block.
-fn zero_ops(fd: i32, offset: u64, len: u64) -> Vec<IoOp> {
-    let zero = zero_block();
-    let per_op = (ZERO_BLOCK_LEN * MAX_IOVECS) as u64;
-    let mut ops = Vec::new();
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(per_op);
-        let iov = (0..n.div_ceil(ZERO_BLOCK_LEN as u64))
-            .map(|i| libc::iovec {
-                // Writes only read from the buffer; the kernel never stores through it.
-                iov_base: zero.as_ptr() as *mut libc::c_void,
-                iov_len: (n - i * ZERO_BLOCK_LEN as u64).min(ZERO_BLOCK_LEN as u64) as usize,
-            })
-            .collect();
-        ops.push(IoOp {
-            fd,
-            offset: offset + done,
-            kind: OpKind::Write,
-            iov,
-            tag: 0,
-        });
-        done += n;
-    }
-    ops
-}
-
-/// Copies between guest iovecs and the start of `buf`: into `buf` if `to_buf`, out of it otherwise.
-///
-/// # Safety
-/// Every iovec must describe mapped memory of `iov_len` bytes, writable when `to_buf` is false.
-unsafe fn copy_iov(iov: &[libc::iovec], buf: &mut [u8], to_buf: bool) {
-    let mut at = 0;
-    for v in iov {
-        let n = v.iov_len.min(buf.len() - at);
-        let p = v.iov_base.cast::<u8>();
-        // SAFETY: the iovec is valid (caller's contract); `buf[at..at + n]` is in bounds.
-        unsafe {
-            if to_buf {
-                std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr().add(at), n);
-            } else {
-                std::ptr::copy_nonoverlapping(buf.as_ptr().add(at), p, n);
-            }
-        }
-        at += n;
-    }
 }
 
 // SAFETY: the only non-Send fields are raw pointers into guest memory (scratch `iov`, ops inside
@@ -1323,5 +808,7 @@ impl Drop for QueueWorker {
     }
 }
 
+mod plan;
+mod rings;
 #[cfg(test)]
 mod tests;
