@@ -113,8 +113,13 @@ writer() {
         run_want $b
         if [ "$got" != "${RR%?}" ]; then
             i=0
-            while [ "${got:$((i * 64)):64}" = "${RR:$((i * 64)):64}" ]; do i=$((i + 1)); done
-            echo "GUEST-ERROR writer $w: blocks $b+$RUN hold [${got:$((i * 64)):63}] where [${RR:$((i * 64)):63}] belongs"
+            while [ $i -lt $RUN ]; do
+                want=""
+                if [ -e /tmp/st/$((b + i)) ]; then read m < /tmp/st/$((b + i)); rec $((b + i)) $m; want="${R:0:63}"; fi
+                have=$(dd if=/dev/vda bs=4096 skip=$((BASE + b + i)) count=1 iflag=direct 2>/dev/null | tr '\0' '0' | head -c 63)
+                echo "GUEST-ERROR writer $w: block $((b + i)) holds [$have], last written [$want]"
+                i=$((i + 1))
+            done
             : > /tmp/run/failed
             break
         fi
