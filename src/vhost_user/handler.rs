@@ -346,7 +346,8 @@ impl VhostUserBackendReqHandlerMut for Handler {
     fn set_vring_addr(
         &mut self,
         index: u32,
-        flags: VhostUserVringAddrFlags,
+        // The logging flag matters only with LOG_SHMFD, which is not offered.
+        _flags: VhostUserVringAddrFlags,
         descriptor: u64,
         used: u64,
         available: u64,
@@ -373,7 +374,6 @@ impl VhostUserBackendReqHandlerMut for Handler {
             }
             return Ok(());
         }
-        let _ = flags;
         q.vring
             .set_queue_info(desc, avail, used)
             .map_err(|e| refused(format!("queue {index}: ring addresses: {e}")))?;

@@ -2,7 +2,7 @@
 //! of our own, and runs the queue's worker.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -48,7 +48,6 @@ impl QueueThread {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .notify_fd();
-        use std::os::fd::AsRawFd;
         for (fd, token) in [
             (io_fd, IO),
             (t.wake.as_raw_fd(), WAKE),
