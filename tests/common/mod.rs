@@ -252,6 +252,19 @@ pub fn io_worker_blocked(pid: u32) -> bool {
     })
 }
 
+/// Whether every thread of `pid` sleeps (state S): nothing being processed, no io_uring worker
+/// busy.
+pub fn all_threads_sleep(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(|t| t.ok()).all(|t| {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        stat.rfind(')')
+            .is_some_and(|b| stat[b + 1..].trim_start().starts_with('S'))
+    })
+}
+
 /// A connected vhost-user-blk front-end with one shared I/O buffer.
 pub struct Client {
     pub blkio: Blkio,
