@@ -259,6 +259,18 @@ impl Qemu {
         }
     }
 
+    /// Stops QEMU (SIGSTOP): the guest sends nothing more.
+    pub fn pause(&self) {
+        // SAFETY: signalling our own, unreaped child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
+    }
+
+    /// Lets a paused QEMU go on (SIGCONT).
+    pub fn resume(&self) {
+        // SAFETY: signalling our own, unreaped child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
+    }
+
     /// Waits at most `t` for QEMU to exit.
     pub fn wait(&mut self, t: Duration) -> Option<ExitStatus> {
         super::wait_timeout(&mut self.child, t)

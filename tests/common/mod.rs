@@ -207,8 +207,9 @@ pub fn wait_timeout(child: &mut Child, t: Duration) -> Option<ExitStatus> {
 }
 
 /// Waits at most `t` until no process holds a lock on `path` (as /proc/locks lists them);
-/// returns how long that took, `None` when `t` passed. A SIGKILLed daemon's image locks outlive
-/// it for a moment: the open file stays referenced until its io_uring requests have finished.
+/// returns how long that took, `None` when `t` passed. A daemon's image locks outlive the
+/// process for some milliseconds (after SIGKILL or a clean exit): its io_uring rings, torn down
+/// asynchronously, keep the open file referenced.
 pub fn wait_unlocked(path: &Path, t: Duration) -> Option<Duration> {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).unwrap();
@@ -249,6 +250,19 @@ pub fn io_worker_blocked(pid: u32) -> bool {
             }
             _ => false,
         }
+    })
+}
+
+/// Whether every thread of `pid` sleeps (state S): nothing being processed, no io_uring worker
+/// busy.
+pub fn all_threads_sleep(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.filter_map(|t| t.ok()).all(|t| {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        stat.rfind(')')
+            .is_some_and(|b| stat[b + 1..].trim_start().starts_with('S'))
     })
 }
 
