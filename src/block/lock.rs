@@ -110,6 +110,8 @@ pub enum LockError {
         what: String,
         /// Who holds the conflicting lock, as far as /proc/locks tells.
         holder: String,
+        /// No process we can see holds it (see [`ORPHAN_WAIT`]).
+        orphaned: bool,
     },
     /// The kernel or file system cannot lock the file.
     #[error("{path}: cannot lock byte {byte} (--locking on): {source}; use --locking auto or off on file systems without OFD lock support")]
@@ -187,10 +189,31 @@ fn bits(mask: u64) -> impl Iterator<Item = (i64, u64)> {
         .filter(move |(_, b)| mask & b != 0)
 }
 
+/// How long a conflicting lock that no process holds is waited for. A daemon that has just
+/// exited (killed, or stopped for an upgrade) keeps its locks for some milliseconds: the
+/// kernel closes the files of its io_uring instances after the process is gone. A successor
+/// started at once would otherwise be refused.
+pub const ORPHAN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Locks `file` (the descriptor kept while the image is open) for `perms`, QEMU's way: takes
 /// our bytes, then checks nobody else holds what we do not share or refuses what we need. On
-/// failure our bytes are released (the file is about to be closed anyway).
+/// failure our bytes are released (the file is about to be closed anyway). A conflict with a
+/// lock no process holds is retried for [`ORPHAN_WAIT`].
 pub fn lock(file: &File, path: &Path, perms: Perms, mode: Locking) -> Result<(), LockError> {
+    let deadline = std::time::Instant::now() + ORPHAN_WAIT;
+    loop {
+        match try_lock(file, path, perms, mode) {
+            Err(LockError::Conflict { orphaned: true, .. })
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn try_lock(file: &File, path: &Path, perms: Perms, mode: Locking) -> Result<(), LockError> {
     if mode == Locking::Off {
         return Ok(());
     }
@@ -205,10 +228,12 @@ pub fn lock(file: &File, path: &Path, perms: Perms, mode: Locking) -> Result<(),
         release();
         if matches!(source.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
             // Someone holds an exclusive lock on one of our bytes.
+            let (holder, orphaned) = describe_holder(file, byte);
             return Err(LockError::Conflict {
                 path: path.to_owned(),
                 what: format!("Failed to lock byte {byte}"),
-                holder: describe_holder(file, byte),
+                holder,
+                orphaned,
             });
         }
         if !unsupported(&source) {
@@ -254,10 +279,12 @@ pub fn lock(file: &File, path: &Path, perms: Perms, mode: Locking) -> Result<(),
             Ok(false) => {}
             Ok(true) => {
                 release();
+                let (holder, orphaned) = describe_holder(file, byte);
                 return Err(LockError::Conflict {
                     path: path.to_owned(),
                     what,
-                    holder: describe_holder(file, byte),
+                    holder,
+                    orphaned,
                 });
             }
             Err(e) => return os_error(byte, e),
@@ -275,10 +302,11 @@ pub fn lock(file: &File, path: &Path, perms: Perms, mode: Locking) -> Result<(),
 /// Names the processes that hold a lock on `byte` of `file`, other than us. F_OFD_GETLK and
 /// /proc/locks report no pid for OFD locks (they belong to open file descriptions), but each
 /// process's /proc/PID/fdinfo lists the locks of the description behind each descriptor.
-fn describe_holder(file: &File, byte: i64) -> String {
+/// Also says whether nobody we can see holds it.
+fn describe_holder(file: &File, byte: i64) -> (String, bool) {
     let holders = lock_holders(file, byte);
     if holders.is_empty() {
-        return "another process holds a conflicting lock".into();
+        return ("another process holds a conflicting lock".into(), true);
     }
     let names: Vec<String> = holders
         .iter()
@@ -289,7 +317,10 @@ fn describe_holder(file: &File, byte: i64) -> String {
             format!("process {pid} ({comm})")
         })
         .collect();
-    format!("the image is in use by {}", names.join(", "))
+    (
+        format!("the image is in use by {}", names.join(", ")),
+        false,
+    )
 }
 
 /// Pids of the processes (that we may inspect) with a descriptor of `file`'s inode whose
@@ -428,11 +459,21 @@ mod tests {
         let rc = unsafe { libc::fcntl(c.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
         assert_eq!(rc, 0);
         let a = File::options().read(true).open(&dir).unwrap();
+        let t = std::time::Instant::now();
         let err = lock(&a, &dir, ro, Locking::Auto).unwrap_err();
+        // Held by no other process (our own other description): waited for, then refused.
+        assert!(t.elapsed() >= ORPHAN_WAIT);
         let me = std::process::id();
         assert!(err.to_string().contains("Failed to lock byte 100"), "{err}");
         // Only other processes are named (here: nobody else).
         assert!(!err.to_string().contains(&format!("process {me}")), "{err}");
+        // Released while waited for (a daemon that just exited): taken.
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(c);
+        });
+        lock(&a, &dir, ro, Locking::Auto).unwrap();
+        releaser.join().unwrap();
         let _ = std::fs::remove_file(&dir);
     }
 }
