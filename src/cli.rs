@@ -88,7 +88,8 @@ pub struct Args {
 
     /// qcow2 lazy refcounts: refcount updates stay in memory (the image is marked dirty and
     /// repaired on the next open after a crash) and are written at a clean stop. `auto`: on for
-    /// version 3 images. `off`: refcounts are written, in order, at every flush.
+    /// version 3 images. `off`: refcounts reach the file ahead of the mappings that need them
+    /// and at every flush (no repair after a crash; at worst leaked clusters).
     #[arg(long, value_enum, default_value_t = LazyArg::Auto)]
     pub lazy_refcounts: LazyArg,
 
