@@ -15,6 +15,38 @@ use super::*;
 use crate::block::{ExtraData, Target};
 use crate::virtio::{DiscardMode, MAX_DISCARD_SECTORS};
 
+/// The `BlockBackend` methods a test backend passes unchanged to `self.inner()`.
+macro_rules! delegate_flush_discard_sync {
+    () => {
+        fn flush(&self, out: &mut Vec<HostOp>) -> Result<(), BlockError> {
+            self.inner().flush(out)
+        }
+        fn discard(
+            &self,
+            offset: u64,
+            len: u64,
+            unmap: bool,
+            waker: &Waker,
+            out: &mut Vec<HostOp>,
+        ) -> Result<(), BlockError> {
+            self.inner().discard(offset, len, unmap, waker, out)
+        }
+        fn write_zeroes(
+            &self,
+            offset: u64,
+            len: u64,
+            unmap: bool,
+            waker: &Waker,
+            out: &mut Vec<HostOp>,
+        ) -> Result<(), BlockError> {
+            self.inner().write_zeroes(offset, len, unmap, waker, out)
+        }
+        fn sync(&self) -> Result<(), BlockError> {
+            self.inner().sync()
+        }
+    };
+}
+
 mod restart;
 use crate::block::file::ImageFile;
 use crate::block::raw::RawBackend;
@@ -574,32 +606,7 @@ impl BlockBackend for CopyingBackend {
         self.commits.lock().unwrap().push(ok);
         Ok(())
     }
-    fn flush(&self, out: &mut Vec<HostOp>) -> Result<(), BlockError> {
-        self.inner().flush(out)
-    }
-    fn discard(
-        &self,
-        offset: u64,
-        len: u64,
-        unmap: bool,
-        waker: &Waker,
-        out: &mut Vec<HostOp>,
-    ) -> Result<(), BlockError> {
-        self.inner().discard(offset, len, unmap, waker, out)
-    }
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        unmap: bool,
-        waker: &Waker,
-        out: &mut Vec<HostOp>,
-    ) -> Result<(), BlockError> {
-        self.inner().write_zeroes(offset, len, unmap, waker, out)
-    }
-    fn sync(&self) -> Result<(), BlockError> {
-        self.inner().sync()
-    }
+    delegate_flush_discard_sync!();
 }
 
 #[test]

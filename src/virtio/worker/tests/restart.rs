@@ -144,32 +144,7 @@ impl BlockBackend for ThroughBackend {
         }
         Ok(())
     }
-    fn flush(&self, out: &mut Vec<HostOp>) -> Result<(), BlockError> {
-        self.inner().flush(out)
-    }
-    fn discard(
-        &self,
-        offset: u64,
-        len: u64,
-        unmap: bool,
-        waker: &Waker,
-        out: &mut Vec<HostOp>,
-    ) -> Result<(), BlockError> {
-        self.inner().discard(offset, len, unmap, waker, out)
-    }
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        unmap: bool,
-        waker: &Waker,
-        out: &mut Vec<HostOp>,
-    ) -> Result<(), BlockError> {
-        self.inner().write_zeroes(offset, len, unmap, waker, out)
-    }
-    fn sync(&self) -> Result<(), BlockError> {
-        self.inner().sync()
-    }
+    delegate_flush_discard_sync!();
 }
 
 #[test]
